@@ -1,0 +1,484 @@
+//! The task lifecycle behind Nomad's task RPCs: start, recover, wait, stop,
+//! destroy, signal, inspect, stats, events.
+//!
+//! The plugin keeps only a cache of tracked tasks; the truth is on disk (the
+//! task dir the supervisor maintains) and in the handle Nomad stores.
+
+mod claims;
+mod nixstore;
+pub mod paths;
+mod start;
+pub mod state;
+pub mod stats;
+mod virtiofs;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use microvm_proto::drivers::{TaskConfig as ProtoTaskConfig, TaskHandle, TaskState};
+use nix::sys::signal::Signal;
+use tokio::sync::{broadcast, watch};
+
+use crate::config::{ConfigError, PluginConfig};
+use crate::net::HostNet;
+use crate::proc::ProcessId;
+use crate::supervisor::protocol::{self, ExitRecord, Request};
+use crate::supervisor::run::request;
+pub use claims::ClaimError;
+pub use nixstore::StoreError;
+use state::{DriverState, HANDLE_VERSION, StateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("task {0} is not known to this driver")]
+    NotFound(String),
+    #[error("task {0} was already started")]
+    AlreadyExists(String),
+    #[error("{0} is not supported by the microvm driver")]
+    NotImplemented(&'static str),
+    #[error("invalid task config")]
+    Config(#[source] ConfigError),
+    #[error("cannot use runner {path}")]
+    Runner {
+        path: PathBuf,
+        #[source]
+        source: crate::runner::RunnerError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("refused by `{rule}`: {detail}")]
+    Refused { rule: &'static str, detail: String },
+    #[error("socket path {path} is {len} bytes, over the 107-byte limit of unix sockets: use a shorter state_dir or socket name")]
+    SocketTooLong { path: PathBuf, len: usize },
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    #[error("cannot set up interface {name}")]
+    Net {
+        name: String,
+        #[source]
+        source: crate::net::NetError,
+    },
+    #[error("{0}")]
+    Identity(String),
+    #[error("cannot {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM did not start: {0}")]
+    Boot(String),
+    #[error("cannot recover task {id}")]
+    State {
+        id: String,
+        #[source]
+        source: StateError,
+    },
+    #[error("cannot recover task {0}: its VM is gone")]
+    Gone(String),
+    #[error("{0}")]
+    Signal(String),
+}
+
+impl TaskError {
+    /// Whether Nomad should apply the job's restart policy (true) or fail
+    /// the task at once (false): config and policy problems do not heal.
+    pub fn recoverable(&self) -> bool {
+        match self {
+            TaskError::Config(_)
+            | TaskError::Runner { .. }
+            | TaskError::Refused { .. }
+            | TaskError::SocketTooLong { .. }
+            | TaskError::Identity(_)
+            | TaskError::NotImplemented(_)
+            | TaskError::State { .. } => false,
+            TaskError::Store(StoreError::NoSubstituters { .. }) => false,
+            _ => true,
+        }
+    }
+
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TaskError {
+        let what = what.into();
+        move |source| TaskError::Io { what, source }
+    }
+}
+
+/// A notable step of a task, shown by `nomad alloc status` as a Driver event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEvent {
+    pub task_id: String,
+    pub alloc_id: String,
+    pub task_name: String,
+    pub at: SystemTime,
+    pub message: String,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitResult {
+    pub exit_code: i32,
+    pub signal: i32,
+    pub oom_killed: bool,
+    /// Set when the driver, not the VM, ended it or lost track of it.
+    pub err: Option<String>,
+}
+
+impl From<ExitRecord> for ExitResult {
+    fn from(r: ExitRecord) -> Self {
+        ExitResult { exit_code: r.exit_code, signal: r.signal, oom_killed: r.oom_killed, err: r.reason }
+    }
+}
+
+/// What InspectTask reports.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub id: String,
+    pub name: String,
+    pub started_at: SystemTime,
+    pub completed_at: Option<SystemTime>,
+    pub result: Option<ExitResult>,
+    pub attributes: BTreeMap<String, String>,
+}
+
+struct Tracked {
+    proto: ProtoTaskConfig,
+    state: DriverState,
+    exit: watch::Receiver<Option<(ExitResult, SystemTime)>>,
+}
+
+pub struct Tasks {
+    config: RwLock<Arc<PluginConfig>>,
+    net: Arc<dyn HostNet>,
+    /// This binary, re-run as `supervise` per task.
+    self_exe: PathBuf,
+    tracked: Mutex<HashMap<String, Arc<Tracked>>>,
+    events: broadcast::Sender<TaskEvent>,
+}
+
+impl Tasks {
+    pub fn new(net: Arc<dyn HostNet>, self_exe: PathBuf) -> Arc<Tasks> {
+        Arc::new(Tasks {
+            config: RwLock::new(Arc::new(PluginConfig::default())),
+            net,
+            self_exe,
+            tracked: Mutex::new(HashMap::new()),
+            events: broadcast::channel(1024).0,
+        })
+    }
+
+    pub fn self_exe(&self) -> &Path {
+        &self.self_exe
+    }
+
+    pub fn configure(&self, config: Arc<PluginConfig>) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    pub fn config(&self) -> Arc<PluginConfig> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, task: &ProtoTaskConfig, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(task_id = %task.id, "{message}");
+        let _ = self.events.send(TaskEvent {
+            task_id: task.id.clone(),
+            alloc_id: task.alloc_id.clone(),
+            task_name: task.name.clone(),
+            at: SystemTime::now(),
+            message,
+            annotations: BTreeMap::new(),
+        });
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Tracked>> {
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    fn forget(&self, id: &str) {
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+
+    /// StartTask: everything in `start.rs`; returns the handle Nomad persists.
+    pub async fn start(self: &Arc<Self>, task: ProtoTaskConfig) -> Result<TaskHandle, TaskError> {
+        if self.get(&task.id).is_some() {
+            return Err(TaskError::AlreadyExists(task.id));
+        }
+        let state = start::start(self, &task).await?;
+        let handle = TaskHandle {
+            version: HANDLE_VERSION,
+            config: Some(task.clone()),
+            state: TaskState::Running as i32,
+            driver_state: state.encode(),
+        };
+        self.track(task, state, 0);
+        Ok(handle)
+    }
+
+    /// Follows a task's supervisor: forwards its events and, when it exits,
+    /// publishes the exit result for WaitTask.
+    fn track(self: &Arc<Self>, proto: ProtoTaskConfig, state: DriverState, events_offset: u64) {
+        let (tx, rx) = watch::channel(None);
+        let tracked = Arc::new(Tracked { proto: proto.clone(), state: state.clone(), exit: rx });
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner()).insert(proto.id.clone(), tracked);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let result = me.follow(&proto, &state, events_offset).await;
+            let _ = tx.send(Some((result, SystemTime::now())));
+        });
+    }
+
+    async fn follow(&self, proto: &ProtoTaskConfig, state: &DriverState, mut offset: u64) -> ExitResult {
+        let events_path = state.task_dir.join(protocol::EVENTS_FILE);
+        if let Some(sup) = state.supervisor {
+            let exited = sup.exited();
+            tokio::pin!(exited);
+            loop {
+                tokio::select! {
+                    _ = &mut exited => break,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                        offset = self.forward_events(proto, &events_path, offset);
+                    }
+                }
+            }
+        }
+        self.forward_events(proto, &events_path, offset);
+        if let Ok(record) = protocol::read_json::<ExitRecord>(&state.task_dir.join(protocol::EXIT_FILE)) {
+            return record.into();
+        }
+        // The supervisor died without recording an exit (killed): follow the
+        // VMM directly; its status is then unknown.
+        if let Some(vmm) = state.vmm.filter(ProcessId::is_alive) {
+            self.emit(proto, "the task's supervisor died; the VM keeps running without console logging until it exits");
+            vmm.exited().await;
+            return ExitResult {
+                exit_code: -1,
+                signal: 0,
+                oom_killed: false,
+                err: Some("the VMM exited while unsupervised; its exit status is unknown".into()),
+            };
+        }
+        ExitResult {
+            exit_code: -1,
+            signal: 0,
+            oom_killed: false,
+            err: Some("the task's supervisor and VMM are gone without an exit record".into()),
+        }
+    }
+
+    /// Sends events appended since `offset`; returns the new offset.
+    fn forward_events(&self, proto: &ProtoTaskConfig, path: &Path, offset: u64) -> u64 {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(path) else { return offset };
+        if f.seek(SeekFrom::Start(offset)).is_err() {
+            return offset;
+        }
+        let mut text = String::new();
+        let _ = f.read_to_string(&mut text);
+        // Only whole lines; a partial last line is read next time.
+        let complete = text.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        for line in text[..complete].lines() {
+            if let Ok(ev) = serde_json::from_str::<protocol::Event>(line) {
+                self.emit(proto, ev.message);
+            }
+        }
+        offset + complete as u64
+    }
+
+    /// RecoverTask: re-attach to a task from its handle alone.
+    pub async fn recover(self: &Arc<Self>, handle: TaskHandle) -> Result<(), TaskError> {
+        let proto = handle.config.clone().unwrap_or_default();
+        let id = proto.id.clone();
+        if self.get(&id).is_some() {
+            return Ok(());
+        }
+        let state = DriverState::decode(handle.version, &handle.driver_state)
+            .map_err(|source| TaskError::State { id: id.clone(), source })?;
+        let supervised = state.supervisor.map(|s| s.is_alive()).unwrap_or(false);
+        let recorded = state.task_dir.join(protocol::EXIT_FILE).exists();
+        let vmm_alive = state.vmm.map(|v| v.is_alive()).unwrap_or(false);
+        if !(supervised || recorded || vmm_alive) {
+            self.cleanup(&state).await;
+            return Err(TaskError::Gone(id));
+        }
+        // Events already in the file were forwarded before the restart.
+        let offset = std::fs::metadata(state.task_dir.join(protocol::EVENTS_FILE)).map(|m| m.len()).unwrap_or(0);
+        tracing::info!(task_id = %id, supervised, recorded, vmm_alive, "recovered task");
+        self.track(proto, state, offset);
+        Ok(())
+    }
+
+    /// WaitTask: the exit result, once there is one.
+    pub async fn wait(&self, id: &str) -> Result<ExitResult, TaskError> {
+        let tracked = self.get(id).ok_or_else(|| TaskError::NotFound(id.to_string()))?;
+        let mut rx = tracked.exit.clone();
+        let result = rx
+            .wait_for(|r| r.is_some())
+            .await
+            .map(|r| r.as_ref().map(|(e, _)| e.clone()))
+            .ok()
+            .flatten();
+        result.ok_or_else(|| TaskError::NotFound(id.to_string()))
+    }
+
+    fn exited(tracked: &Tracked) -> bool {
+        tracked.exit.borrow().is_some()
+    }
+
+    /// StopTask: graceful shutdown within `timeout`, then force. Returns once
+    /// the VM is gone. Unknown or finished tasks are fine.
+    pub async fn stop(&self, id: &str, timeout: Duration, signal: &str) -> Result<(), TaskError> {
+        let Some(tracked) = self.get(id) else { return Ok(()) };
+        if Self::exited(&tracked) {
+            return Ok(());
+        }
+        let timeout = if matches!(signal, "SIGKILL" | "KILL" | "9") { Duration::ZERO } else { timeout };
+        let state = &tracked.state;
+        let asked = request(&state.task_dir, &Request::Stop { timeout }, Duration::from_secs(5)).await;
+        if !matches!(asked, Ok(ref r) if r.ok) {
+            // No supervisor to ask: stop the VMM ourselves.
+            self.emit(&tracked.proto, "supervisor unreachable: stopping the VMM directly");
+            if let Some(vmm) = state.vmm.filter(ProcessId::is_alive) {
+                vmm.signal_group(Signal::SIGTERM);
+                if tokio::time::timeout(timeout, vmm.exited()).await.is_err() {
+                    vmm.signal_group(Signal::SIGKILL);
+                }
+            }
+        }
+        let mut rx = tracked.exit.clone();
+        let budget = timeout + Duration::from_secs(20);
+        if tokio::time::timeout(budget, rx.wait_for(|r| r.is_some())).await.is_err() {
+            self.emit(&tracked.proto, "the VM did not stop in time: killing it and its supervisor");
+            for p in state.vmm.iter().chain(state.supervisor.iter()) {
+                p.signal_group(Signal::SIGKILL);
+                p.signal(Signal::SIGKILL);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| r.is_some())).await;
+        }
+        Ok(())
+    }
+
+    /// DestroyTask: kill if needed, then release everything but the VM's
+    /// volume images.
+    pub async fn destroy(&self, id: &str, force: bool) -> Result<(), TaskError> {
+        let Some(tracked) = self.get(id) else { return Ok(()) };
+        if !Self::exited(&tracked) {
+            if !force {
+                return Err(TaskError::Signal("cannot destroy a running task without force".into()));
+            }
+            self.stop(id, Duration::ZERO, "SIGKILL").await?;
+        }
+        self.cleanup(&tracked.state).await;
+        self.forget(id);
+        Ok(())
+    }
+
+    /// Removes what a task created on the host (idempotent).
+    async fn cleanup(&self, state: &DriverState) {
+        let config = self.config();
+        for name in state.taps.iter().chain(&state.macvtaps) {
+            // Only if we still hold it: a stale handle must not delete the
+            // interface of the task that took the name over.
+            let claim = claims::tap_claim(name);
+            let ours = std::fs::read_link(claims::claims_dir(&config.state_dir).join(&claim))
+                .map(|o| o == state.task_dir)
+                .unwrap_or(false);
+            if ours {
+                if let Err(e) = self.net.delete_link(name) {
+                    tracing::warn!(interface = %name, error = %e, "cannot delete interface");
+                }
+                claims::release(&config.state_dir, &claim, &state.task_dir);
+            }
+        }
+        claims::release(&config.state_dir, &claims::workdir_claim(&state.slug), &state.task_dir);
+        if let Some(root) = &state.gcroot {
+            let _ = std::fs::remove_file(root);
+        }
+        let _ = std::fs::remove_file(state.work_dir.join("booted"));
+        let _ = std::fs::remove_dir_all(&state.task_dir);
+    }
+
+    /// SignalTask: INT/TERM become a graceful guest shutdown; the rest go to
+    /// the VMM.
+    pub async fn signal(&self, id: &str, signal: &str) -> Result<(), TaskError> {
+        let tracked = self.get(id).ok_or_else(|| TaskError::NotFound(id.to_string()))?;
+        let sig = parse_signal(signal).ok_or_else(|| TaskError::Signal(format!("unknown signal {signal:?}")))?;
+        let reply = request(&tracked.state.task_dir, &Request::Signal { signal: sig as i32 }, Duration::from_secs(5))
+            .await
+            .map_err(TaskError::io("reach the task's supervisor"))?;
+        if reply.ok { Ok(()) } else { Err(TaskError::Signal(reply.error.unwrap_or_default())) }
+    }
+
+    pub fn inspect(&self, id: &str) -> Result<Inspection, TaskError> {
+        let tracked = self.get(id).ok_or_else(|| TaskError::NotFound(id.to_string()))?;
+        let exit = tracked.exit.borrow().clone();
+        let s = &tracked.state;
+        let mut attributes = BTreeMap::new();
+        attributes.insert("runner".into(), s.runner.display().to_string());
+        attributes.insert("work_dir".into(), s.work_dir.display().to_string());
+        attributes.insert("task_dir".into(), s.task_dir.display().to_string());
+        if let Some(v) = s.vmm {
+            attributes.insert("vmm_pid".into(), v.pid.to_string());
+        }
+        Ok(Inspection {
+            id: id.to_string(),
+            name: tracked.proto.name.clone(),
+            started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(s.started_at_ms),
+            completed_at: exit.as_ref().map(|(_, t)| *t),
+            result: exit.map(|(r, _)| r),
+            attributes,
+        })
+    }
+
+    /// The processes whose usage is the task's: VMM, virtiofsd, supervisor.
+    pub fn usage_pids(&self, id: &str) -> Result<Vec<ProcessId>, TaskError> {
+        let tracked = self.get(id).ok_or_else(|| TaskError::NotFound(id.to_string()))?;
+        let pids = protocol::read_json::<protocol::Pids>(&tracked.state.task_dir.join(protocol::PIDS_FILE))
+            .unwrap_or_default();
+        Ok(pids
+            .vmm
+            .iter()
+            .copied()
+            .chain(pids.virtiofsd.iter().map(|(_, p)| *p))
+            .chain(pids.supervisor.iter().copied())
+            .filter(ProcessId::is_alive)
+            .collect())
+    }
+}
+
+/// "SIGHUP", "HUP" or "1" → the signal.
+pub fn parse_signal(text: &str) -> Option<Signal> {
+    if let Ok(n) = text.parse::<i32>() {
+        return Signal::try_from(n).ok();
+    }
+    let upper = text.trim().to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    name.parse::<Signal>().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_by_name_and_number() {
+        assert_eq!(parse_signal("SIGHUP"), Some(Signal::SIGHUP));
+        assert_eq!(parse_signal("term"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("9"), Some(Signal::SIGKILL));
+        assert_eq!(parse_signal("SIGNOPE"), None);
+    }
+
+    #[test]
+    fn policy_errors_are_not_recoverable() {
+        assert!(!TaskError::Refused { rule: "allowed_runner_roots", detail: String::new() }.recoverable());
+        assert!(!TaskError::SocketTooLong { path: "/x".into(), len: 200 }.recoverable());
+        assert!(TaskError::Boot("virtiofsd exited".into()).recoverable());
+    }
+}
