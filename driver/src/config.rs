@@ -129,20 +129,11 @@ pub fn plugin_schema() -> Spec {
         ("nix", attr_or("nix", "string", &quote(defaults::NIX))),
         ("substituters", attr_or("substituters", "list(string)", "[]")),
         ("trusted_public_keys", attr_or("trusted_public_keys", "list(string)", "[]")),
-        (
-            "default_stop_timeout",
-            attr_or("default_stop_timeout", "string", &quote(defaults::STOP_TIMEOUT)),
-        ),
+        ("default_stop_timeout", attr_or("default_stop_timeout", "string", &quote(defaults::STOP_TIMEOUT))),
         ("gcroots_dir", attr_or("gcroots_dir", "string", &quote(defaults::GCROOTS_DIR))),
-        (
-            "allowed_runner_roots",
-            attr_or("allowed_runner_roots", "list(string)", &quote_list(defaults::RUNNER_ROOTS)),
-        ),
+        ("allowed_runner_roots", attr_or("allowed_runner_roots", "list(string)", &quote_list(defaults::RUNNER_ROOTS))),
         ("allowed_share_roots", attr_or("allowed_share_roots", "list(string)", "[]")),
-        (
-            "fingerprint_period",
-            attr_or("fingerprint_period", "string", &quote(defaults::FINGERPRINT_PERIOD)),
-        ),
+        ("fingerprint_period", attr_or("fingerprint_period", "string", &quote(defaults::FINGERPRINT_PERIOD))),
     ])
 }
 
@@ -180,9 +171,9 @@ fn json_to_msgpack(json: &serde_json::Value) -> rmpv::Value {
         },
         J::String(s) => rmpv::Value::from(s.as_str()),
         J::Array(a) => rmpv::Value::Array(a.iter().map(json_to_msgpack).collect()),
-        J::Object(o) => rmpv::Value::Map(
-            o.iter().map(|(k, v)| (rmpv::Value::from(k.as_str()), json_to_msgpack(v))).collect(),
-        ),
+        J::Object(o) => {
+            rmpv::Value::Map(o.iter().map(|(k, v)| (rmpv::Value::from(k.as_str()), json_to_msgpack(v))).collect())
+        }
     }
 }
 
@@ -190,8 +181,7 @@ fn plugin_config_from(o: &Object<'_>) -> Result<PluginConfig, ConfigError> {
     let d = PluginConfig::default();
     let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
     let config = PluginConfig {
-        state_dir: absolute("state_dir", non_empty(o.string("state_dir")?).map(PathBuf::from))?
-            .unwrap_or(d.state_dir),
+        state_dir: absolute("state_dir", non_empty(o.string("state_dir")?).map(PathBuf::from))?.unwrap_or(d.state_dir),
         vmm_user: non_empty(o.string("vmm_user")?).unwrap_or(d.vmm_user),
         vmm_group: non_empty(o.string("vmm_group")?).unwrap_or(d.vmm_group),
         allow_root_vmm: o.bool("allow_root_vmm")?.unwrap_or(false),
@@ -226,17 +216,10 @@ fn plugin_config_from(o: &Object<'_>) -> Result<PluginConfig, ConfigError> {
 impl PluginConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if (self.vmm_user == "root" || self.vmm_user == "0") && !self.allow_root_vmm {
-            return Err(invalid(
-                "vmm_user",
-                "running VMMs as root is refused unless allow_root_vmm = true",
-            ));
+            return Err(invalid("vmm_user", "running VMMs as root is refused unless allow_root_vmm = true"));
         }
         for bridge in self.default_bridge.iter().chain(&self.allowed_bridges) {
-            let key = if Some(bridge) == self.default_bridge.as_ref() {
-                "default_bridge"
-            } else {
-                "allowed_bridges"
-            };
+            let key = if Some(bridge) == self.default_bridge.as_ref() { "default_bridge" } else { "allowed_bridges" };
             check_ifname(key, bridge)?;
         }
         if self.fingerprint_period < Duration::from_secs(1) {
@@ -416,8 +399,16 @@ mod tests {
             ("default_stop_timeout", Value::from("soon"), "`default_stop_timeout`: \"soon\" is not a duration"),
             ("vmm_user", Value::from("root"), "`vmm_user`: running VMMs as root is refused"),
             ("default_bridge", Value::from("a bridge"), "`default_bridge`: \"a bridge\" is not a valid interface name"),
-            ("allowed_runner_roots", Value::Array(vec![Value::from("nix")]), "`allowed_runner_roots`: nix is not an absolute path"),
-            ("substituters", Value::Array(vec![Value::from("/srv/cache")]), "`substituters`: \"/srv/cache\" is not a store URL"),
+            (
+                "allowed_runner_roots",
+                Value::Array(vec![Value::from("nix")]),
+                "`allowed_runner_roots`: nix is not an absolute path",
+            ),
+            (
+                "substituters",
+                Value::Array(vec![Value::from("/srv/cache")]),
+                "`substituters`: \"/srv/cache\" is not a store URL",
+            ),
             ("allow_root_vmm", Value::from("yes"), "`allow_root_vmm`: expected a bool, found a string"),
         ];
         for (key, value, want) in cases {
@@ -428,11 +419,9 @@ mod tests {
 
     #[test]
     fn root_vmm_needs_the_opt_in() {
-        let c = decode_plugin_config(&enc(&[
-            ("vmm_user", Value::from("root")),
-            ("allow_root_vmm", Value::Boolean(true)),
-        ]))
-        .unwrap();
+        let c =
+            decode_plugin_config(&enc(&[("vmm_user", Value::from("root")), ("allow_root_vmm", Value::Boolean(true))]))
+                .unwrap();
         assert_eq!(c.vmm_user, "root");
     }
 
@@ -464,7 +453,8 @@ mod tests {
 
     #[test]
     fn json_config_is_checked_like_msgpack() {
-        let c = plugin_config_from_json(&serde_json::json!({"state_dir": "/srv/vms", "allowed_bridges": ["br0"]})).unwrap();
+        let c =
+            plugin_config_from_json(&serde_json::json!({"state_dir": "/srv/vms", "allowed_bridges": ["br0"]})).unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/srv/vms"));
         let err = plugin_config_from_json(&serde_json::json!({"state_dri": "/srv"})).unwrap_err();
         assert_eq!(err.to_string(), "`state_dri`: is not a plugin config key");
@@ -473,7 +463,9 @@ mod tests {
     fn task(pairs: &[(&str, Value)]) -> Vec<u8> {
         let map: Vec<(Value, Value)> = TASK_KEYS
             .iter()
-            .map(|k| (Value::from(*k), pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or(Value::Nil)))
+            .map(|k| {
+                (Value::from(*k), pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or(Value::Nil))
+            })
             .collect();
         let mut buf = Vec::new();
         rmpv::encode::write_value(&mut buf, &Value::Map(map)).unwrap();

@@ -74,11 +74,7 @@ impl<'a> Object<'a> {
 
     /// The raw value of `key`, `None` when absent or nil.
     pub fn get(&self, key: &str) -> Option<&'a Value> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(key))
-            .map(|(_, v)| v)
-            .filter(|v| !v.is_nil())
+        self.entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v).filter(|v| !v.is_nil())
     }
 
     /// Keys present in the map (for rejecting keys we do not know).
@@ -107,9 +103,7 @@ impl<'a> Object<'a> {
             .iter()
             .enumerate()
             .map(|(i, item)| match item {
-                Value::Map(entries) => {
-                    Ok(Object { path: format!("{}[{i}]", self.field(key)), entries })
-                }
+                Value::Map(entries) => Ok(Object { path: format!("{}[{i}]", self.field(key)), entries }),
                 other => Err(CtyError::WrongType {
                     field: format!("{}[{i}]", self.field(key)),
                     expected: "a block",
@@ -149,16 +143,10 @@ impl<'a> Object<'a> {
         let out_of_range = || self.bad(key, "must be a whole number between 0 and 2^64-1");
         match v {
             Value::Integer(i) => i.as_u64().map(Some).ok_or_else(out_of_range),
-            Value::F64(f) if f.fract() == 0.0 && *f >= 0.0 && *f < 1.8446744073709552e19 => {
-                Ok(Some(*f as u64))
-            }
+            Value::F64(f) if f.fract() == 0.0 && *f >= 0.0 && *f < 1.8446744073709552e19 => Ok(Some(*f as u64)),
             Value::F32(f) if f.fract() == 0.0 && *f >= 0.0 => Ok(Some(*f as u64)),
             Value::F64(_) | Value::F32(_) => Err(out_of_range()),
-            Value::String(s) => s
-                .as_str()
-                .and_then(|s| s.parse::<u64>().ok())
-                .map(Some)
-                .ok_or_else(out_of_range),
+            Value::String(s) => s.as_str().and_then(|s| s.parse::<u64>().ok()).map(Some).ok_or_else(out_of_range),
             other => Err(self.wrong(key, "a number", other)),
         }
     }
@@ -169,11 +157,9 @@ impl<'a> Object<'a> {
             Value::Integer(i) => Ok(i.as_f64()),
             Value::F64(f) => Ok(Some(*f)),
             Value::F32(f) => Ok(Some(f64::from(*f))),
-            Value::String(s) => s
-                .as_str()
-                .and_then(|s| s.parse::<f64>().ok())
-                .map(Some)
-                .ok_or_else(|| self.bad(key, "is not a number")),
+            Value::String(s) => {
+                s.as_str().and_then(|s| s.parse::<f64>().ok()).map(Some).ok_or_else(|| self.bad(key, "is not a number"))
+            }
             other => Err(self.wrong(key, "a number", other)),
         }
     }
@@ -185,10 +171,9 @@ impl<'a> Object<'a> {
             .iter()
             .enumerate()
             .map(|(i, item)| match item {
-                Value::String(s) => s
-                    .as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| self.bad(&format!("{key}[{i}]"), "is not valid UTF-8")),
+                Value::String(s) => {
+                    s.as_str().map(str::to_string).ok_or_else(|| self.bad(&format!("{key}[{i}]"), "is not valid UTF-8"))
+                }
                 other => Err(CtyError::WrongType {
                     field: format!("{}[{i}]", self.field(key)),
                     expected: "a string",
@@ -261,10 +246,7 @@ mod tests {
         let d0 = &disks[0];
         assert_eq!(d0.string("path").unwrap().as_deref(), Some("/alloc/rootfs.ext4"));
         assert_eq!(d0.bool("read_only").unwrap(), None);
-        assert_eq!(
-            d0.bool("path").unwrap_err().to_string(),
-            "`disk[0].path`: expected a bool, found a string"
-        );
+        assert_eq!(d0.bool("path").unwrap_err().to_string(), "`disk[0].path`: expected a bool, found a string");
     }
 
     #[test]
@@ -300,18 +282,9 @@ mod tests {
         assert_eq!(o.string_list("ok").unwrap(), Some(vec!["a".into(), "b".into()]));
         assert_eq!(o.string_list("empty").unwrap(), Some(vec![]));
         assert_eq!(o.string_list("missing").unwrap(), None);
-        assert_eq!(
-            o.string_list("roots").unwrap_err().to_string(),
-            "`roots[1]`: expected a string, found a number"
-        );
-        assert_eq!(
-            o.string_map("env").unwrap_err().to_string(),
-            "`env.B`: expected a string, found a bool"
-        );
-        assert_eq!(
-            o.string("ok").unwrap_err().to_string(),
-            "`ok`: expected a string, found a list"
-        );
+        assert_eq!(o.string_list("roots").unwrap_err().to_string(), "`roots[1]`: expected a string, found a number");
+        assert_eq!(o.string_map("env").unwrap_err().to_string(), "`env.B`: expected a string, found a bool");
+        assert_eq!(o.string("ok").unwrap_err().to_string(), "`ok`: expected a string, found a list");
     }
 
     #[test]
@@ -320,16 +293,10 @@ mod tests {
         let mut bytes = enc(&Value::Map(vec![]));
         bytes.push(0x01);
         assert!(decode(&bytes).unwrap_err().to_string().contains("trailing"));
-        assert_eq!(
-            Object::root(&Value::from(3)).unwrap_err(),
-            CtyError::NotAnObject { found: "a number" }
-        );
+        assert_eq!(Object::root(&Value::from(3)).unwrap_err(), CtyError::NotAnObject { found: "a number" });
         let unknown = decode(&[0x81, 0xa1, b'x', 0xd4, 0x00, 0x00]).unwrap();
         let o = Object::root(&unknown).unwrap();
-        assert_eq!(
-            o.string("x").unwrap_err().to_string(),
-            "`x`: expected a string, found an unknown value"
-        );
+        assert_eq!(o.string("x").unwrap_err().to_string(), "`x`: expected a string, found an unknown value");
     }
 
     #[test]

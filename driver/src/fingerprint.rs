@@ -58,9 +58,8 @@ fn hypervisor_binary(h: Hypervisor) -> &'static str {
 /// Finds `program` the way a shell would: as given if it has a slash, else on PATH.
 pub fn which(program: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    };
+    let executable =
+        |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
     if program.components().count() > 1 || program.is_absolute() {
         return executable(program).then(|| program.to_path_buf());
     }
@@ -124,12 +123,7 @@ pub fn assess(facts: &HostFacts, config: &PluginConfig) -> FingerprintResponse {
     }
 
     let (health, description) = verdict(facts, config);
-    FingerprintResponse {
-        attributes,
-        health: health as i32,
-        health_description: description,
-        err: String::new(),
-    }
+    FingerprintResponse { attributes, health: health as i32, health_description: description, err: String::new() }
 }
 
 fn verdict(facts: &HostFacts, config: &PluginConfig) -> (HealthState, String) {
@@ -169,7 +163,7 @@ fn verdict(facts: &HostFacts, config: &PluginConfig) -> (HealthState, String) {
     }
     if facts.virtiofsd.is_none() {
         notes.push(format!(
-            "virtiofsd not found (virtiofsd = {:?}): legacy runners with virtiofs shares cannot start",
+            "virtiofsd not found (virtiofsd = {:?}): runners with virtiofs shares cannot start",
             config.virtiofsd.display().to_string()
         ));
     }
@@ -368,7 +362,10 @@ mod tests {
         assert_eq!(attr(&r, "kvm"), &AttrValue::BoolVal(false));
         assert_eq!(attr(&r, "virtiofsd"), &AttrValue::BoolVal(false));
 
-        let r = assess(&HostFacts { kvm: Kvm::Unusable("a test guest did not halt".into()), ..healthy_facts() }, &PluginConfig::default());
+        let r = assess(
+            &HostFacts { kvm: Kvm::Unusable("a test guest did not halt".into()), ..healthy_facts() },
+            &PluginConfig::default(),
+        );
         assert!(r.health_description.contains("KVM present but unusable (a test guest did not halt)"));
     }
 

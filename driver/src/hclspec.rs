@@ -11,18 +11,12 @@ fn spec(block: Block) -> Spec {
 
 /// The root object: keys are the HCL names (and the msgpack keys we decode).
 pub fn object<'a>(attrs: impl IntoIterator<Item = (&'a str, Spec)>) -> Spec {
-    spec(Block::Object(hclspec::Object {
-        attributes: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-    }))
+    spec(Block::Object(hclspec::Object { attributes: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect() }))
 }
 
 /// An attribute of an HCL type expression (`string`, `bool`, `list(string)`…).
 pub fn attr(name: &str, ty: &str, required: bool) -> Spec {
-    spec(Block::Attr(hclspec::Attr {
-        name: name.to_string(),
-        r#type: ty.to_string(),
-        required,
-    }))
+    spec(Block::Attr(hclspec::Attr { name: name.to_string(), r#type: ty.to_string(), required }))
 }
 
 /// An optional attribute that takes `default` (an HCL expression) when unset.

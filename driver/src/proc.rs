@@ -70,8 +70,7 @@ impl ProcessId {
     /// A pidfd for this process, checked against the start time after opening
     /// (so a reused pid is never watched by mistake).
     pub fn pidfd(&self) -> io::Result<OwnedFd> {
-        let pid = rustix::process::Pid::from_raw(self.pid)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+        let pid = rustix::process::Pid::from_raw(self.pid).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
         let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
         if !self.is_alive() {
             return Err(io::Error::from_raw_os_error(libc::ESRCH));
@@ -81,17 +80,16 @@ impl ProcessId {
 
     /// Resolves when the process exits (at once if it already has).
     pub async fn exited(&self) {
-        match self.pidfd() {
-            // SAFETY: `PidFd` owns the descriptor, which stays open for as long
-            // as the AsyncFd that owns it exists.
-            Ok(fd) => match unsafe { AsyncFd::register_with_interest(PidFd(fd), tokio::io::Interest::READABLE) } {
-                // A pidfd becomes readable when the process exits.
-                Ok(afd) => {
-                    let _ = afd.readable().await;
-                }
-                Err(_) => self.poll_exit().await,
-            },
-            Err(_) => {}
+        // No pidfd means the process is already gone.
+        let Ok(fd) = self.pidfd() else { return };
+        // SAFETY: `PidFd` owns the descriptor, which stays open for as long
+        // as the AsyncFd that owns it exists.
+        match unsafe { AsyncFd::register_with_interest(PidFd(fd), tokio::io::Interest::READABLE) } {
+            // A pidfd becomes readable when the process exits.
+            Ok(afd) => {
+                let _ = afd.readable().await;
+            }
+            Err(_) => self.poll_exit().await,
         }
     }
 

@@ -27,13 +27,8 @@ const VIRTIOFSD_RUN: &str = "bin/virtiofsd-run";
 /// The data files' directory, relative to the runner.
 const DATA_DIR: &str = "share/microvm";
 /// Only runners built since late 2024 ship these (see [`Layout`]).
-const CURRENT_LAYOUT_MARKERS: [&str; 5] = [
-    "bin/tap-up",
-    "bin/macvtap-up",
-    "bin/virtiofsd-run",
-    "bin/pci-setup",
-    "share/microvm/hypervisor",
-];
+const CURRENT_LAYOUT_MARKERS: [&str; 5] =
+    ["bin/tap-up", "bin/macvtap-up", "bin/virtiofsd-run", "bin/pci-setup", "share/microvm/hypervisor"];
 /// The modes microvm.nix's `macvtap.mode` option allows (= `ip link … type macvtap mode`).
 const MACVTAP_MODES: [&str; 5] = ["private", "vepa", "bridge", "passthru", "source"];
 /// Linux's IFNAMSIZ minus the terminating NUL.
@@ -103,10 +98,7 @@ impl Hypervisor {
     /// be unique on the host (a duplicate fails the second VM at start).
     /// cloud-hypervisor and firecracker multiplex vsock over a per-VM socket.
     pub fn kernel_vsock(self) -> bool {
-        matches!(
-            self,
-            Hypervisor::Qemu | Hypervisor::Crosvm | Hypervisor::Kvmtool | Hypervisor::Alioth
-        )
+        matches!(self, Hypervisor::Qemu | Hypervisor::Crosvm | Hypervisor::Kvmtool | Hypervisor::Alioth)
     }
 }
 
@@ -145,10 +137,7 @@ impl TapFlags {
     /// file together with multi-queue taps, so older runners only ever used
     /// single-queue taps; `vnet_hdr` is what every later runner writes, and the
     /// kernel takes it from each VMM open anyway, so setting it cannot hurt.
-    pub const PRE_V0_5: TapFlags = TapFlags {
-        vnet_hdr: true,
-        multi_queue: false,
-    };
+    pub const PRE_V0_5: TapFlags = TapFlags { vnet_hdr: true, multi_queue: false };
 }
 
 /// One line of `share/microvm/macvtap-interfaces`.
@@ -246,28 +235,15 @@ pub enum RunnerError {
     #[error("{} must hold exactly one value but holds {found}", .path.display())]
     NotOneValue { path: PathBuf, found: usize },
     #[error("{} line {line}: interface name `{name}` is invalid: {reason}", .path.display())]
-    BadInterfaceName {
-        path: PathBuf,
-        line: usize,
-        name: String,
-        reason: &'static str,
-    },
+    BadInterfaceName { path: PathBuf, line: usize, name: String, reason: &'static str },
     #[error("runner {} declares interface `{name}` twice", .path.display())]
     DuplicateInterface { path: PathBuf, name: String },
     #[error("{} line {line}: {reason}", .path.display())]
-    MalformedMacvtap {
-        path: PathBuf,
-        line: usize,
-        reason: String,
-    },
+    MalformedMacvtap { path: PathBuf, line: usize, reason: String },
     #[error("{}: unknown tap flag `{flag}` (expected vnet_hdr or multi_queue)", .path.display())]
     UnknownTapFlag { path: PathBuf, flag: String },
     #[error("{} line {line}: `{value}` is not a PCI address like 0000:01:00.0", .path.display())]
-    BadPciAddress {
-        path: PathBuf,
-        line: usize,
-        value: String,
-    },
+    BadPciAddress { path: PathBuf, line: usize, value: String },
     #[error(
         "{}: `{value}` is not a usable vsock CID (expected a decimal number from 3 to 4294967294)",
         .path.display()
@@ -306,10 +282,7 @@ impl Runner {
             macvtaps,
             shares: read_shares(&data.join("virtiofs"))?,
             pci_devices: read_pci_devices(&data.join("pci-devices"))?,
-            usb_devices: read_lines(&data.join("usb-devices"))?
-                .into_iter()
-                .map(|(_, value)| value)
-                .collect(),
+            usb_devices: read_lines(&data.join("usb-devices"))?.into_iter().map(|(_, value)| value).collect(),
             vsock_cid: read_vsock_cid(&data.join("vsock-cid"))?,
             can_shutdown: entry_present(&root.join(MICROVM_SHUTDOWN))?,
             virtiofsd_config,
@@ -341,19 +314,13 @@ fn resolve_runner_dir(path: &Path) -> Result<PathBuf, RunnerError> {
             });
         }
         Err(source) => {
-            return Err(RunnerError::Access {
-                path: path.into(),
-                source,
-            });
+            return Err(RunnerError::Access { path: path.into(), source });
         }
     };
     if !metadata.is_dir() {
         return Err(RunnerError::NotADirectory { path: path.into() });
     }
-    fs::canonicalize(path).map_err(|source| RunnerError::Access {
-        path: path.into(),
-        source,
-    })
+    fs::canonicalize(path).map_err(|source| RunnerError::Access { path: path.into(), source })
 }
 
 /// Whether `path` exists. `bin/*` are symlinks into the store, so a link whose
@@ -368,10 +335,7 @@ fn entry_present(path: &Path) -> Result<bool, RunnerError> {
                 Ok(false)
             }
         }
-        Err(source) => Err(RunnerError::Read {
-            path: path.into(),
-            source,
-        }),
+        Err(source) => Err(RunnerError::Read { path: path.into(), source }),
     }
 }
 
@@ -389,28 +353,20 @@ fn read_optional(path: &Path) -> Result<Option<String>, RunnerError> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(RunnerError::Read {
-            path: path.into(),
-            source,
-        }),
+        Err(source) => Err(RunnerError::Read { path: path.into(), source }),
     }
 }
 
 /// The non-empty lines of `text`, trimmed, with 1-based line numbers.
 /// Data files are written with `echo`, so every line ends in `\n`.
 fn value_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
-    text.lines()
-        .enumerate()
-        .map(|(index, line)| (index + 1, line.trim()))
-        .filter(|(_, line)| !line.is_empty())
+    text.lines().enumerate().map(|(index, line)| (index + 1, line.trim())).filter(|(_, line)| !line.is_empty())
 }
 
 /// The numbered values of an optional one-value-per-line file.
 fn read_lines(path: &Path) -> Result<Vec<(usize, String)>, RunnerError> {
     let text = read_optional(path)?.unwrap_or_default();
-    Ok(value_lines(&text)
-        .map(|(line, value)| (line, value.to_owned()))
-        .collect())
+    Ok(value_lines(&text).map(|(line, value)| (line, value.to_owned())).collect())
 }
 
 /// The value of an optional file that must hold exactly one.
@@ -421,10 +377,7 @@ fn read_single(path: &Path) -> Result<Option<String>, RunnerError> {
     let values: Vec<&str> = value_lines(&text).map(|(_, value)| value).collect();
     match values.as_slice() {
         [value] => Ok(Some((*value).to_owned())),
-        _ => Err(RunnerError::NotOneValue {
-            path: path.into(),
-            found: values.len(),
-        }),
+        _ => Err(RunnerError::NotOneValue { path: path.into(), found: values.len() }),
     }
 }
 
@@ -436,17 +389,11 @@ fn identify(root: &Path, data: &Path) -> Result<(Hypervisor, String), RunnerErro
     let hv_file = data.join("hypervisor");
     let hypervisor = match (read_single(&hv_file)?, &from_name) {
         (Some(value), _) => {
-            Hypervisor::from_name(&value).ok_or(RunnerError::UnknownHypervisor {
-                path: hv_file,
-                name: value,
-            })?
+            Hypervisor::from_name(&value).ok_or(RunnerError::UnknownHypervisor { path: hv_file, name: value })?
         }
         (None, Some((hv, _))) => *hv,
         (None, None) => {
-            return Err(RunnerError::HypervisorNotInName {
-                path: root.into(),
-                name,
-            });
+            return Err(RunnerError::HypervisorNotInName { path: root.into(), name });
         }
     };
     let hostname = match from_name {
@@ -469,8 +416,7 @@ fn file_name(path: &Path) -> Result<String, RunnerError> {
 fn strip_store_hash(name: &str) -> &str {
     const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
     let bytes = name.as_bytes();
-    let is_hash =
-        bytes.len() > 33 && bytes[32] == b'-' && bytes[..32].iter().all(|b| NIX_BASE32.contains(b));
+    let is_hash = bytes.len() > 33 && bytes[32] == b'-' && bytes[..32].iter().all(|b| NIX_BASE32.contains(b));
     if is_hash { &name[33..] } else { name }
 }
 
@@ -492,9 +438,7 @@ fn split_runner_name(name: &str) -> Option<(Hypervisor, &str)> {
 fn hostname_from_run_script(link: &Path) -> Option<String> {
     let target = fs::read_link(link).ok()?;
     let name = strip_store_hash(target.file_name()?.to_str()?);
-    let host = name
-        .strip_prefix("microvm-")?
-        .strip_suffix("-microvm-run")?;
+    let host = name.strip_prefix("microvm-")?.strip_suffix("-microvm-run")?;
     (!host.is_empty()).then(|| host.to_owned())
 }
 
@@ -506,10 +450,7 @@ fn interface_name_problem(name: &str) -> Option<&'static str> {
         Some("it is longer than 15 bytes")
     } else if name == "." || name == ".." {
         Some("it is `.` or `..`")
-    } else if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
-    {
+    } else if name.chars().any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace()) {
         Some("it contains `/`, `:`, whitespace or NUL")
     } else {
         None
@@ -519,20 +460,12 @@ fn interface_name_problem(name: &str) -> Option<&'static str> {
 fn check_interface_name(path: &Path, line: usize, name: &str) -> Result<(), RunnerError> {
     match interface_name_problem(name) {
         None => Ok(()),
-        Some(reason) => Err(RunnerError::BadInterfaceName {
-            path: path.into(),
-            line,
-            name: name.into(),
-            reason,
-        }),
+        Some(reason) => Err(RunnerError::BadInterfaceName { path: path.into(), line, name: name.into(), reason }),
     }
 }
 
 fn read_taps(path: &Path) -> Result<Vec<String>, RunnerError> {
-    read_lines(path)?
-        .into_iter()
-        .map(|(line, id)| check_interface_name(path, line, &id).map(|()| id))
-        .collect()
+    read_lines(path)?.into_iter().map(|(line, id)| check_interface_name(path, line, &id).map(|()| id)).collect()
 }
 
 /// Whitespace-separated so that one-line and one-flag-per-line files both
@@ -541,10 +474,7 @@ fn read_tap_flags(path: &Path) -> Result<TapFlags, RunnerError> {
     let Some(text) = read_optional(path)? else {
         return Ok(TapFlags::PRE_V0_5);
     };
-    let mut flags = TapFlags {
-        vnet_hdr: false,
-        multi_queue: false,
-    };
+    let mut flags = TapFlags { vnet_hdr: false, multi_queue: false };
     for flag in text.split_whitespace() {
         match flag {
             "vnet_hdr" => flags.vnet_hdr = true,
@@ -552,10 +482,7 @@ fn read_tap_flags(path: &Path) -> Result<TapFlags, RunnerError> {
             // An unknown flag would be silently missing from our taps and
             // surface later as an obscure EINVAL from the VMM.
             _ => {
-                return Err(RunnerError::UnknownTapFlag {
-                    path: path.into(),
-                    flag: flag.into(),
-                });
+                return Err(RunnerError::UnknownTapFlag { path: path.into(), flag: flag.into() });
             }
         }
     }
@@ -563,68 +490,39 @@ fn read_tap_flags(path: &Path) -> Result<TapFlags, RunnerError> {
 }
 
 fn read_macvtaps(path: &Path) -> Result<Vec<Macvtap>, RunnerError> {
-    read_lines(path)?
-        .into_iter()
-        .map(|(line, text)| parse_macvtap(path, line, &text))
-        .collect()
+    read_lines(path)?.into_iter().map(|(line, text)| parse_macvtap(path, line, &text)).collect()
 }
 
 /// Parses `<id> <mac> <link> <mode>`.
 fn parse_macvtap(path: &Path, line: usize, text: &str) -> Result<Macvtap, RunnerError> {
-    let malformed = |reason: String| RunnerError::MalformedMacvtap {
-        path: path.into(),
-        line,
-        reason,
-    };
+    let malformed = |reason: String| RunnerError::MalformedMacvtap { path: path.into(), line, reason };
     let fields: Vec<&str> = text.split_whitespace().collect();
     let [id, mac, link, mode] = fields.as_slice() else {
-        return Err(malformed(format!(
-            "expected `<id> <mac> <link> <mode>`, found `{text}`"
-        )));
+        return Err(malformed(format!("expected `<id> <mac> <link> <mode>`, found `{text}`")));
     };
     check_interface_name(path, line, id)?;
     check_interface_name(path, line, link)?;
     if !is_mac_address(mac) {
-        return Err(malformed(format!(
-            "`{mac}` is not a MAC address like 02:00:00:00:00:01"
-        )));
+        return Err(malformed(format!("`{mac}` is not a MAC address like 02:00:00:00:00:01")));
     }
     if !MACVTAP_MODES.contains(mode) {
-        return Err(malformed(format!(
-            "unknown macvtap mode `{mode}` (expected one of {})",
-            MACVTAP_MODES.join(", ")
-        )));
+        return Err(malformed(format!("unknown macvtap mode `{mode}` (expected one of {})", MACVTAP_MODES.join(", "))));
     }
-    Ok(Macvtap {
-        id: (*id).into(),
-        mac: (*mac).into(),
-        link: (*link).into(),
-        mode: (*mode).into(),
-    })
+    Ok(Macvtap { id: (*id).into(), mac: (*mac).into(), link: (*link).into(), mode: (*mode).into() })
 }
 
 fn is_mac_address(text: &str) -> bool {
     let octets: Vec<&str> = text.split(':').collect();
-    octets.len() == 6
-        && octets
-            .iter()
-            .all(|octet| octet.len() == 2 && octet.chars().all(|c| c.is_ascii_hexdigit()))
+    octets.len() == 6 && octets.iter().all(|octet| octet.len() == 2 && octet.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// Tap and macvtap names share the host's interface namespace.
-fn check_unique_interfaces(
-    root: &Path,
-    taps: &[String],
-    macvtaps: &[Macvtap],
-) -> Result<(), RunnerError> {
+fn check_unique_interfaces(root: &Path, taps: &[String], macvtaps: &[Macvtap]) -> Result<(), RunnerError> {
     let mut seen = HashSet::new();
     let names = taps.iter().chain(macvtaps.iter().map(|m| &m.id));
     for name in names {
         if !seen.insert(name) {
-            return Err(RunnerError::DuplicateInterface {
-                path: root.into(),
-                name: name.clone(),
-            });
+            return Err(RunnerError::DuplicateInterface { path: root.into(), name: name.clone() });
         }
     }
     Ok(())
@@ -636,18 +534,12 @@ fn read_shares(dir: &Path) -> Result<Vec<VirtiofsShare>, RunnerError> {
         Ok(entries) => entries,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
-            return Err(RunnerError::Read {
-                path: dir.into(),
-                source,
-            });
+            return Err(RunnerError::Read { path: dir.into(), source });
         }
     };
     let mut shares = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|source| RunnerError::Read {
-            path: dir.into(),
-            source,
-        })?;
+        let entry = entry.map_err(|source| RunnerError::Read { path: dir.into(), source })?;
         let share_dir = entry.path();
         if share_dir.is_dir() {
             shares.push(read_share(&share_dir)?);
@@ -661,16 +553,9 @@ fn read_share(dir: &Path) -> Result<VirtiofsShare, RunnerError> {
     let required = |missing: &'static str| -> Result<PathBuf, RunnerError> {
         read_single(&dir.join(missing))?
             .map(PathBuf::from)
-            .ok_or_else(|| RunnerError::IncompleteShare {
-                dir: dir.into(),
-                missing,
-            })
+            .ok_or_else(|| RunnerError::IncompleteShare { dir: dir.into(), missing })
     };
-    Ok(VirtiofsShare {
-        tag: file_name(dir)?,
-        socket: required("socket")?,
-        source: required("source")?,
-    })
+    Ok(VirtiofsShare { tag: file_name(dir)?, socket: required("socket")?, source: required("source")? })
 }
 
 /// The addresses end up in `/sys/bus/pci/devices/<address>/…` paths written
@@ -682,11 +567,7 @@ fn read_pci_devices(path: &Path) -> Result<Vec<String>, RunnerError> {
             if is_pci_address(&value) {
                 Ok(value)
             } else {
-                Err(RunnerError::BadPciAddress {
-                    path: path.into(),
-                    line,
-                    value,
-                })
+                Err(RunnerError::BadPciAddress { path: path.into(), line, value })
             }
         })
         .collect()
@@ -697,9 +578,7 @@ fn is_pci_address(text: &str) -> bool {
         len.contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit())
     };
     let mut parts = text.split(':');
-    let (Some(domain), Some(bus), Some(slot), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(domain), Some(bus), Some(slot), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return false;
     };
     let Some((device, function)) = slot.split_once('.') else {
@@ -719,10 +598,7 @@ fn read_vsock_cid(path: &Path) -> Result<Option<u32>, RunnerError> {
     };
     match value.parse::<u32>() {
         Ok(cid) if (3..u32::MAX).contains(&cid) => Ok(Some(cid)),
-        _ => Err(RunnerError::BadVsockCid {
-            path: path.into(),
-            value,
-        }),
+        _ => Err(RunnerError::BadVsockCid { path: path.into(), value }),
     }
 }
 
@@ -734,24 +610,14 @@ fn read_virtiofsd_config(script: &Path) -> Result<Option<PathBuf>, RunnerError> 
         return Ok(None);
     }
     // `read_to_string` follows the symlink into the store.
-    let text = fs::read_to_string(script).map_err(|source| RunnerError::Read {
-        path: script.into(),
-        source,
-    })?;
-    configuration_argument(&text)
-        .map(Some)
-        .ok_or_else(|| RunnerError::NoVirtiofsdConfiguration {
-            path: script.into(),
-        })
+    let text = fs::read_to_string(script).map_err(|source| RunnerError::Read { path: script.into(), source })?;
+    configuration_argument(&text).map(Some).ok_or_else(|| RunnerError::NoVirtiofsdConfiguration { path: script.into() })
 }
 
 /// Finds `--configuration PATH` or `--configuration=PATH` in a shell script
 /// of the form `exec <supervisord> --configuration <path> "$@"`.
 fn configuration_argument(script: &str) -> Option<PathBuf> {
-    let code_lines = script
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.starts_with('#'));
+    let code_lines = script.lines().map(str::trim).filter(|line| !line.starts_with('#'));
     for line in code_lines {
         let mut words = line.split_whitespace();
         while let Some(word) = words.next() {
@@ -771,10 +637,7 @@ fn configuration_argument(script: &str) -> Option<PathBuf> {
 /// Drops one pair of matching surrounding quotes (store paths need none, but
 /// a hand-written script may quote them).
 fn unquote(word: &str) -> &str {
-    ['\'', '"']
-        .into_iter()
-        .find_map(|q| word.strip_prefix(q)?.strip_suffix(q))
-        .unwrap_or(word)
+    ['\'', '"'].into_iter().find_map(|q| word.strip_prefix(q)?.strip_suffix(q)).unwrap_or(word)
 }
 
 #[cfg(test)]
@@ -809,11 +672,7 @@ mod tests {
 
         /// `bin/<name>` → `store/<hash>-microvm-<host>-<name>` containing `text`.
         fn link_script(self, name: &str, host: &str, text: &str) -> Self {
-            let script = self
-                .tmp
-                .path()
-                .join("store")
-                .join(format!("{HASH}-microvm-{host}-{name}"));
+            let script = self.tmp.path().join("store").join(format!("{HASH}-microvm-{host}-{name}"));
             fs::write(&script, text).expect("write script");
             symlink(&script, self.root.join("bin").join(name)).expect("symlink");
             self
@@ -858,20 +717,10 @@ mod tests {
 
     #[test]
     fn hypervisor_capabilities() {
-        let graceful: Vec<_> = Hypervisor::ALL
-            .into_iter()
-            .filter(|hv| hv.has_graceful_shutdown())
-            .map(Hypervisor::name)
-            .collect();
-        assert_eq!(
-            graceful,
-            ["qemu", "cloud-hypervisor", "firecracker", "crosvm", "vfkit"]
-        );
-        let kernel: Vec<_> = Hypervisor::ALL
-            .into_iter()
-            .filter(|hv| hv.kernel_vsock())
-            .map(Hypervisor::name)
-            .collect();
+        let graceful: Vec<_> =
+            Hypervisor::ALL.into_iter().filter(|hv| hv.has_graceful_shutdown()).map(Hypervisor::name).collect();
+        assert_eq!(graceful, ["qemu", "cloud-hypervisor", "firecracker", "crosvm", "vfkit"]);
+        let kernel: Vec<_> = Hypervisor::ALL.into_iter().filter(|hv| hv.kernel_vsock()).map(Hypervisor::name).collect();
         assert_eq!(kernel, ["qemu", "crosvm", "kvmtool", "alioth"]);
     }
 
@@ -890,8 +739,7 @@ mod tests {
     #[test]
     fn every_hypervisor_from_file() {
         for hv in Hypervisor::ALL {
-            let builder =
-                Builder::new("microvm-qemu-a-b").data("hypervisor", &format!("{}\n", hv.name()));
+            let builder = Builder::new("microvm-qemu-a-b").data("hypervisor", &format!("{}\n", hv.name()));
             let runner = builder.runner();
             assert_eq!(runner.hypervisor, hv);
             assert_eq!(runner.hostname, "a-b");
@@ -901,17 +749,11 @@ mod tests {
 
     #[test]
     fn store_name_splitting() {
-        assert_eq!(
-            split_runner_name("microvm-cloud-hypervisor-web-1"),
-            Some((Hypervisor::CloudHypervisor, "web-1"))
-        );
+        assert_eq!(split_runner_name("microvm-cloud-hypervisor-web-1"), Some((Hypervisor::CloudHypervisor, "web-1")));
         assert_eq!(split_runner_name("microvm-qemu-"), None);
         assert_eq!(split_runner_name("microvm-qemux-vm"), None);
         assert_eq!(split_runner_name("runner-qemu-vm"), None);
-        assert_eq!(
-            strip_store_hash(&format!("{HASH}-microvm-qemu-vm")),
-            "microvm-qemu-vm"
-        );
+        assert_eq!(strip_store_hash(&format!("{HASH}-microvm-qemu-vm")), "microvm-qemu-vm");
         // `e` is not in Nix's base32 alphabet, so this is not a hash.
         let not_hash = format!("e{}-microvm-qemu-vm", &HASH[1..]);
         assert_eq!(strip_store_hash(&not_hash), not_hash);
@@ -941,13 +783,7 @@ mod tests {
     fn minimal_runner() {
         let runner = qemu().runner();
         assert_eq!(runner.layout, Layout::Legacy);
-        assert_eq!(
-            runner.tap_flags,
-            TapFlags {
-                vnet_hdr: true,
-                multi_queue: false
-            }
-        );
+        assert_eq!(runner.tap_flags, TapFlags { vnet_hdr: true, multi_queue: false });
         assert!(runner.taps.is_empty() && runner.macvtaps.is_empty() && runner.shares.is_empty());
         assert!(runner.pci_devices.is_empty() && runner.usb_devices.is_empty());
         assert_eq!(runner.vsock_cid, None);
@@ -959,21 +795,12 @@ mod tests {
     #[test]
     fn current_layout_markers() {
         for bin in ["tap-up", "macvtap-up", "pci-setup"] {
-            assert_eq!(
-                qemu().bin(bin, "true\n").runner().layout,
-                Layout::Current,
-                "{bin}"
-            );
+            assert_eq!(qemu().bin(bin, "true\n").runner().layout, Layout::Current, "{bin}");
         }
-        let runner = qemu()
-            .bin("virtiofsd-run", "exec sd --configuration /c \"$@\"\n")
-            .runner();
+        let runner = qemu().bin("virtiofsd-run", "exec sd --configuration /c \"$@\"\n").runner();
         assert_eq!(runner.layout, Layout::Current);
         // Data files alone (with a tap-down but no tap-up) are still legacy.
-        let runner = qemu()
-            .data("tap-interfaces", "t0\n")
-            .bin("tap-down", "ip link delete t0\n")
-            .runner();
+        let runner = qemu().data("tap-interfaces", "t0\n").bin("tap-down", "ip link delete t0\n").runner();
         assert_eq!(runner.layout, Layout::Legacy);
     }
 
@@ -992,32 +819,14 @@ mod tests {
     #[test]
     fn tap_flags() {
         let flags = |text: &str| qemu().data("tap-flags", text).runner().tap_flags;
-        let single = TapFlags {
-            vnet_hdr: true,
-            multi_queue: false,
-        };
-        let multi = TapFlags {
-            vnet_hdr: true,
-            multi_queue: true,
-        };
+        let single = TapFlags { vnet_hdr: true, multi_queue: false };
+        let multi = TapFlags { vnet_hdr: true, multi_queue: true };
         assert_eq!(flags("vnet_hdr\n"), single);
         assert_eq!(flags("vnet_hdr\nmulti_queue\n"), multi);
         assert_eq!(flags("vnet_hdr multi_queue"), multi);
-        assert_eq!(
-            flags(""),
-            TapFlags {
-                vnet_hdr: false,
-                multi_queue: false
-            }
-        );
-        let err = qemu()
-            .data("tap-flags", "vnet_hdr\none_queue\n")
-            .read()
-            .unwrap_err();
-        assert!(
-            matches!(&err, RunnerError::UnknownTapFlag { flag, .. } if flag == "one_queue"),
-            "{err}"
-        );
+        assert_eq!(flags(""), TapFlags { vnet_hdr: false, multi_queue: false });
+        let err = qemu().data("tap-flags", "vnet_hdr\none_queue\n").read().unwrap_err();
+        assert!(matches!(&err, RunnerError::UnknownTapFlag { flag, .. } if flag == "one_queue"), "{err}");
     }
 
     #[test]
@@ -1050,32 +859,17 @@ mod tests {
     #[test]
     fn malformed_macvtap_lines() {
         let cases = [
-            (
-                "mv-a 02:00:00:00:00:01 eth0\n",
-                "expected `<id> <mac> <link> <mode>`",
-            ),
-            (
-                "mv-a 02:00:00:00:00:01 eth0 bridge extra\n",
-                "expected `<id>",
-            ),
+            ("mv-a 02:00:00:00:00:01 eth0\n", "expected `<id> <mac> <link> <mode>`"),
+            ("mv-a 02:00:00:00:00:01 eth0 bridge extra\n", "expected `<id>"),
             ("mv-a 02:00:00:00:01 eth0 bridge\n", "is not a MAC address"),
-            (
-                "mv-a 02:00:00:00:00:0g eth0 bridge\n",
-                "is not a MAC address",
-            ),
-            (
-                "mv-a 02:00:00:00:00:01 eth0 bridged\n",
-                "unknown macvtap mode `bridged`",
-            ),
+            ("mv-a 02:00:00:00:00:0g eth0 bridge\n", "is not a MAC address"),
+            ("mv-a 02:00:00:00:00:01 eth0 bridged\n", "unknown macvtap mode `bridged`"),
         ];
         for (text, expected) in cases {
             let text = format!("\n{text}");
             let err = qemu().data("macvtap-interfaces", &text).read().unwrap_err();
             let message = err.to_string();
-            assert!(
-                matches!(err, RunnerError::MalformedMacvtap { line: 2, .. }),
-                "{message}"
-            );
+            assert!(matches!(err, RunnerError::MalformedMacvtap { line: 2, .. }), "{message}");
             assert!(message.contains("macvtap-interfaces line 2: "), "{message}");
             assert!(message.contains(expected), "{message}");
         }
@@ -1084,40 +878,19 @@ mod tests {
     #[test]
     fn bad_interface_names() {
         let cases = [
-            (
-                "tap-interfaces",
-                "a-very-long-name\n",
-                "a-very-long-name",
-                "longer than 15",
-            ),
+            ("tap-interfaces", "a-very-long-name\n", "a-very-long-name", "longer than 15"),
             ("tap-interfaces", "ok\n../x\n", "../x", "contains `/`"),
             ("tap-interfaces", "vm:1\n", "vm:1", "contains `/`"),
             ("tap-interfaces", "a b\n", "a b", "whitespace"),
             ("tap-interfaces", "..\n", "..", "`.` or `..`"),
-            (
-                "macvtap-interfaces",
-                "x/y 02:00:00:00:00:01 eth0 vepa\n",
-                "x/y",
-                "contains",
-            ),
-            (
-                "macvtap-interfaces",
-                "mv 02:00:00:00:00:01 eth0/1 vepa\n",
-                "eth0/1",
-                "contains",
-            ),
+            ("macvtap-interfaces", "x/y 02:00:00:00:00:01 eth0 vepa\n", "x/y", "contains"),
+            ("macvtap-interfaces", "mv 02:00:00:00:00:01 eth0/1 vepa\n", "eth0/1", "contains"),
         ];
         for (file, text, bad, reason) in cases {
             let err = qemu().data(file, text).read().unwrap_err();
             let message = err.to_string();
-            assert!(
-                matches!(&err, RunnerError::BadInterfaceName { name, .. } if name == bad),
-                "{message}"
-            );
-            assert!(
-                message.contains(file) && message.contains(reason),
-                "{message}"
-            );
+            assert!(matches!(&err, RunnerError::BadInterfaceName { name, .. } if name == bad), "{message}");
+            assert!(message.contains(file) && message.contains(reason), "{message}");
         }
         // Exactly 15 bytes is the limit, not an error.
         let runner = qemu().data("tap-interfaces", "fifteen-bytes-x\n").runner();
@@ -1131,10 +904,7 @@ mod tests {
             .data("macvtap-interfaces", "vm-a 02:00:00:00:00:01 eth0 bridge\n")
             .read()
             .unwrap_err();
-        assert!(
-            matches!(&err, RunnerError::DuplicateInterface { name, .. } if name == "vm-a"),
-            "{err}"
-        );
+        assert!(matches!(&err, RunnerError::DuplicateInterface { name, .. } if name == "vm-a"), "{err}");
     }
 
     #[test]
@@ -1148,11 +918,7 @@ mod tests {
         assert_eq!(
             runner.shares,
             [
-                VirtiofsShare {
-                    tag: "data".into(),
-                    socket: "/run/vm/data.sock".into(),
-                    source: "data".into(),
-                },
+                VirtiofsShare { tag: "data".into(), socket: "/run/vm/data.sock".into(), source: "data".into() },
                 VirtiofsShare {
                     tag: "ro-store".into(),
                     socket: "vm-virtiofs-ro-store.sock".into(),
@@ -1165,25 +931,15 @@ mod tests {
     #[test]
     fn incomplete_share() {
         for (present, missing) in [("socket", "source"), ("source", "socket")] {
-            let err = qemu()
-                .data(&format!("virtiofs/home/{present}"), "x\n")
-                .read()
-                .unwrap_err();
+            let err = qemu().data(&format!("virtiofs/home/{present}"), "x\n").read().unwrap_err();
             assert!(
                 matches!(&err, RunnerError::IncompleteShare { dir, missing: m }
                     if dir.ends_with("virtiofs/home") && *m == missing),
                 "{err}"
             );
         }
-        let err = qemu()
-            .data("virtiofs/home/socket", "\n")
-            .data("virtiofs/home/source", "/home\n")
-            .read()
-            .unwrap_err();
-        assert!(
-            matches!(err, RunnerError::NotOneValue { found: 0, .. }),
-            "{err}"
-        );
+        let err = qemu().data("virtiofs/home/socket", "\n").data("virtiofs/home/source", "/home\n").read().unwrap_err();
+        assert!(matches!(err, RunnerError::NotOneValue { found: 0, .. }), "{err}");
     }
 
     #[test]
@@ -1191,49 +947,21 @@ mod tests {
         let cid = |text: &str| qemu().data("vsock-cid", text).read();
         assert_eq!(cid("10914385\n").expect("cid").vsock_cid, Some(10_914_385));
         assert_eq!(cid("3").expect("cid").vsock_cid, Some(3));
-        for bad in [
-            "2\n",
-            "0\n",
-            "-5\n",
-            "4294967295\n",
-            "4294967296\n",
-            "0x10\n",
-            "abc\n",
-        ] {
+        for bad in ["2\n", "0\n", "-5\n", "4294967295\n", "4294967296\n", "0x10\n", "abc\n"] {
             let err = cid(bad).unwrap_err();
-            assert!(
-                matches!(&err, RunnerError::BadVsockCid { value, .. } if value == bad.trim()),
-                "{bad}: {err}"
-            );
+            assert!(matches!(&err, RunnerError::BadVsockCid { value, .. } if value == bad.trim()), "{bad}: {err}");
         }
         let err = cid("3\n4\n").unwrap_err();
-        assert!(
-            matches!(err, RunnerError::NotOneValue { found: 2, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, RunnerError::NotOneValue { found: 2, .. }), "{err}");
     }
 
     #[test]
     fn pci_addresses() {
-        let runner = qemu()
-            .data("pci-devices", "0000:01:00.0\n10000:e1:1f.7\n")
-            .runner();
+        let runner = qemu().data("pci-devices", "0000:01:00.0\n10000:e1:1f.7\n").runner();
         assert_eq!(runner.pci_devices, ["0000:01:00.0", "10000:e1:1f.7"]);
-        for bad in [
-            "01:00.0",
-            "0000:01:00.8",
-            "0000:01:00",
-            "../../../x",
-            "0000:01:00.0/x",
-        ] {
-            let err = qemu()
-                .data("pci-devices", &format!("0000:02:00.0\n{bad}\n"))
-                .read()
-                .unwrap_err();
-            assert!(
-                matches!(&err, RunnerError::BadPciAddress { line: 2, value, .. } if value == bad),
-                "{bad}: {err}"
-            );
+        for bad in ["01:00.0", "0000:01:00.8", "0000:01:00", "../../../x", "0000:01:00.0/x"] {
+            let err = qemu().data("pci-devices", &format!("0000:02:00.0\n{bad}\n")).read().unwrap_err();
+            assert!(matches!(&err, RunnerError::BadPciAddress { line: 2, value, .. } if value == bad), "{bad}: {err}");
         }
     }
 
@@ -1241,10 +969,7 @@ mod tests {
     fn shutdown_script() {
         let runner = qemu().bin("microvm-shutdown", "socat …\n").runner();
         assert!(runner.can_shutdown);
-        assert_eq!(
-            runner.microvm_shutdown(),
-            Some(runner.path.join("bin/microvm-shutdown"))
-        );
+        assert_eq!(runner.microvm_shutdown(), Some(runner.path.join("bin/microvm-shutdown")));
     }
 
     #[test]
@@ -1259,20 +984,13 @@ mod tests {
         ];
         for script in scripts {
             let runner = qemu().bin("virtiofsd-run", &script).runner();
-            assert_eq!(
-                runner.virtiofsd_config,
-                Some(PathBuf::from(conf)),
-                "{script}"
-            );
+            assert_eq!(runner.virtiofsd_config, Some(PathBuf::from(conf)), "{script}");
         }
     }
 
     #[test]
     fn virtiofsd_run_without_configuration() {
-        for script in [
-            "exec supervisord \"$@\"\n",
-            "# --configuration /c\nexec x --configuration\n",
-        ] {
+        for script in ["exec supervisord \"$@\"\n", "# --configuration /c\nexec x --configuration\n"] {
             let err = qemu().bin("virtiofsd-run", script).read().unwrap_err();
             assert!(
                 matches!(&err, RunnerError::NoVirtiofsdConfiguration { path }
@@ -1288,10 +1006,7 @@ mod tests {
         let path = tmp.path().join("microvm-qemu-gone");
         let err = Runner::read(&path).unwrap_err();
         assert!(matches!(err, RunnerError::NotFound { .. }), "{err}");
-        assert_eq!(
-            err.to_string(),
-            format!("runner {} does not exist", path.display())
-        );
+        assert_eq!(err.to_string(), format!("runner {} does not exist", path.display()));
     }
 
     #[test]
@@ -1303,16 +1018,9 @@ mod tests {
         assert!(matches!(err, RunnerError::DanglingLink { .. }), "{err}");
 
         let builder = qemu();
-        symlink(
-            "/nonexistent/script",
-            builder.root.join("bin/microvm-shutdown"),
-        )
-        .expect("link");
+        symlink("/nonexistent/script", builder.root.join("bin/microvm-shutdown")).expect("link");
         let err = builder.read().unwrap_err();
-        assert!(
-            matches!(&err, RunnerError::DanglingLink { path } if path.ends_with("bin/microvm-shutdown")),
-            "{err}"
-        );
+        assert!(matches!(&err, RunnerError::DanglingLink { path } if path.ends_with("bin/microvm-shutdown")), "{err}");
     }
 
     #[test]
@@ -1333,20 +1041,14 @@ mod tests {
         assert!(matches!(err, RunnerError::NotARunner { .. }), "{err}");
         assert_eq!(
             err.to_string(),
-            format!(
-                "{} is not a microvm.nix runner: bin/microvm-run is missing",
-                path.display()
-            )
+            format!("{} is not a microvm.nix runner: bin/microvm-run is missing", path.display())
         );
     }
 
     #[test]
     fn unknown_hypervisor() {
         let err = Builder::new("microvm-bhyve-vm").read().unwrap_err();
-        assert!(
-            matches!(&err, RunnerError::HypervisorNotInName { name, .. } if name == "microvm-bhyve-vm"),
-            "{err}"
-        );
+        assert!(matches!(&err, RunnerError::HypervisorNotInName { name, .. } if name == "microvm-bhyve-vm"), "{err}");
         let err = qemu().data("hypervisor", "bhyve\n").read().unwrap_err();
         assert!(
             matches!(&err, RunnerError::UnknownHypervisor { name, path }

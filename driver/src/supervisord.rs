@@ -87,14 +87,8 @@ pub enum SupervisordError {
 
 /// Reads the file at `path` (usually a store path) and parses it.
 pub fn read(path: &Path) -> Result<Vec<VirtiofsdProgram>, SupervisordError> {
-    let text = fs::read_to_string(path).map_err(|source| SupervisordError::Read {
-        path: path.into(),
-        source,
-    })?;
-    parse(&text).map_err(|source| SupervisordError::Parse {
-        path: path.into(),
-        source,
-    })
+    let text = fs::read_to_string(path).map_err(|source| SupervisordError::Read { path: path.into(), source })?;
+    parse(&text).map_err(|source| SupervisordError::Parse { path: path.into(), source })
 }
 
 /// The virtiofsd programs of a supervisord configuration, in file order.
@@ -111,10 +105,7 @@ pub fn parse(text: &str) -> Result<Vec<VirtiofsdProgram>, ParseError> {
         // supervisord would merge the two sections; for us that is a
         // configuration mistake, as two virtiofsd would serve one tag.
         if !tags.insert(tag.to_owned()) {
-            return Err(ParseError::DuplicateTag {
-                line: section.line,
-                tag: tag.into(),
-            });
+            return Err(ParseError::DuplicateTag { line: section.line, tag: tag.into() });
         }
         programs.push(program(&section, tag)?);
     }
@@ -122,21 +113,15 @@ pub fn parse(text: &str) -> Result<Vec<VirtiofsdProgram>, ParseError> {
 }
 
 fn program(section: &Section, tag: &str) -> Result<VirtiofsdProgram, ParseError> {
-    let bad_value = |key, source| ParseError::BadValue {
-        section: section.name.clone(),
-        key,
-        source,
-    };
+    let bad_value = |key, source| ParseError::BadValue { section: section.name.clone(), key, source };
     let command = match section.get("command") {
-        Some(text) => expand_percent(&text)
-            .and_then(|text| split_command(&text))
-            .map_err(|err| bad_value("command", err))?,
+        Some(text) => {
+            expand_percent(&text).and_then(|text| split_command(&text)).map_err(|err| bad_value("command", err))?
+        }
         None => Vec::new(),
     };
     if command.is_empty() {
-        return Err(ParseError::MissingCommand {
-            section: section.name.clone(),
-        });
+        return Err(ParseError::MissingCommand { section: section.name.clone() });
     }
     let environment = match section.get("environment") {
         Some(text) => expand_percent(&text)
@@ -144,11 +129,7 @@ fn program(section: &Section, tag: &str) -> Result<VirtiofsdProgram, ParseError>
             .map_err(|err| bad_value("environment", err))?,
         None => Vec::new(),
     };
-    Ok(VirtiofsdProgram {
-        tag: tag.into(),
-        command,
-        environment,
-    })
+    Ok(VirtiofsdProgram { tag: tag.into(), command, environment })
 }
 
 /// One `[name]` with its options as (lowercased key, value lines).
@@ -200,24 +181,14 @@ fn parse_ini(text: &str) -> Result<Vec<Section>, ParseError> {
             continue;
         }
         if let Some(name) = section_header(value) {
-            sections.push(Section {
-                name: name.into(),
-                line,
-                options: Vec::new(),
-            });
+            sections.push(Section { name: name.into(), line, options: Vec::new() });
             option_indent = None;
             continue;
         }
         let Some(section) = sections.last_mut() else {
-            return Err(ParseError::OutsideSection {
-                line,
-                text: value.into(),
-            });
+            return Err(ParseError::OutsideSection { line, text: value.into() });
         };
-        let (key, first) = split_option(value).ok_or_else(|| ParseError::Malformed {
-            line,
-            text: value.into(),
-        })?;
+        let (key, first) = split_option(value).ok_or_else(|| ParseError::Malformed { line, text: value.into() })?;
         section.options.push((key, vec![first.into()]));
         option_indent = Some(indent);
     }
@@ -306,10 +277,7 @@ fn split_command(text: &str) -> Result<Vec<String>, ValueError> {
 }
 
 /// The rest of a `"…"` word, after its opening quote.
-fn read_double_quoted(
-    chars: &mut std::str::Chars<'_>,
-    word: &mut String,
-) -> Result<(), ValueError> {
+fn read_double_quoted(chars: &mut std::str::Chars<'_>, word: &mut String) -> Result<(), ValueError> {
     loop {
         match chars.next() {
             Some('"') => return Ok(()),
@@ -374,10 +342,7 @@ fn split_outside_quotes(text: &str, separator: char) -> Result<Vec<&str>, ValueE
 }
 
 fn unquote(value: &str) -> &str {
-    ['"', '\'']
-        .into_iter()
-        .find_map(|q| value.strip_prefix(q)?.strip_suffix(q))
-        .unwrap_or(value)
+    ['"', '\''].into_iter().find_map(|q| value.strip_prefix(q)?.strip_suffix(q)).unwrap_or(value)
 }
 
 #[cfg(test)]
@@ -445,15 +410,9 @@ user=root
     #[test]
     fn spaces_delimiters_and_key_case() {
         let text = "[program:virtiofsd-home]\n  Command =  /bin/virtiofsd --shared-dir=/home  \n";
-        assert_eq!(
-            only_program(text).command,
-            args(&["/bin/virtiofsd", "--shared-dir=/home"])
-        );
+        assert_eq!(only_program(text).command, args(&["/bin/virtiofsd", "--shared-dir=/home"]));
         let text = "[program:virtiofsd-home]\ncommand: /bin/virtiofsd --cache=auto\n";
-        assert_eq!(
-            only_program(text).command,
-            args(&["/bin/virtiofsd", "--cache=auto"])
-        );
+        assert_eq!(only_program(text).command, args(&["/bin/virtiofsd", "--cache=auto"]));
     }
 
     #[test]
@@ -485,11 +444,7 @@ command=/bin/virtiofsd --shared-dir='/srv/my data' "--socket-path=a \"b\" c\d" x
         for (line, expected) in cases {
             let err = parse(&format!("[program:virtiofsd-a]\n{line}\n")).unwrap_err();
             match &err {
-                ParseError::BadValue {
-                    section,
-                    key: "command",
-                    source,
-                } => {
+                ParseError::BadValue { section, key: "command", source } => {
                     assert_eq!(section, "program:virtiofsd-a");
                     assert_eq!(source, &expected);
                 }
@@ -513,11 +468,7 @@ stdout_syslog=true
 ";
         assert_eq!(
             only_program(text).command,
-            args(&[
-                "/bin/virtiofsd",
-                "--socket-path=store.sock",
-                "--shared-dir=/nix/store"
-            ])
+            args(&["/bin/virtiofsd", "--socket-path=store.sock", "--shared-dir=/nix/store"])
         );
         // A value may start on the next line.
         let text = "[program:virtiofsd-store]\ncommand=\n  /bin/virtiofsd\n";
@@ -559,10 +510,7 @@ environment=A=1 # comment
 
     #[test]
     fn missing_command() {
-        for text in [
-            "[program:virtiofsd-a]\nstdout_syslog=true\n",
-            "[program:virtiofsd-a]\ncommand=\n",
-        ] {
+        for text in ["[program:virtiofsd-a]\nstdout_syslog=true\n", "[program:virtiofsd-a]\ncommand=\n"] {
             let err = parse(text).unwrap_err();
             assert!(
                 matches!(&err, ParseError::MissingCommand { section } if section == "program:virtiofsd-a"),
@@ -574,17 +522,10 @@ environment=A=1 # comment
 
     #[test]
     fn duplicate_tag() {
-        let text =
-            "[program:virtiofsd-a]\ncommand=/bin/a\n\n[program:virtiofsd-a]\ncommand=/bin/b\n";
+        let text = "[program:virtiofsd-a]\ncommand=/bin/a\n\n[program:virtiofsd-a]\ncommand=/bin/b\n";
         let err = parse(text).unwrap_err();
-        assert!(
-            matches!(&err, ParseError::DuplicateTag { line: 4, tag } if tag == "a"),
-            "{err:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            "line 4: [program:virtiofsd-a] appears a second time"
-        );
+        assert!(matches!(&err, ParseError::DuplicateTag { line: 4, tag } if tag == "a"), "{err:?}");
+        assert_eq!(err.to_string(), "line 4: [program:virtiofsd-a] appears a second time");
     }
 
     #[test]
@@ -596,20 +537,11 @@ environment=A=1 # comment
     #[test]
     fn syntax_errors() {
         let err = parse("command=/bin/a\n").unwrap_err();
-        assert!(
-            matches!(err, ParseError::OutsideSection { line: 1, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, ParseError::OutsideSection { line: 1, .. }), "{err:?}");
         let err = parse("[supervisord]\nnodaemon=true\njust words\n").unwrap_err();
-        assert!(
-            matches!(&err, ParseError::Malformed { line: 3, text } if text == "just words"),
-            "{err:?}"
-        );
+        assert!(matches!(&err, ParseError::Malformed { line: 3, text } if text == "just words"), "{err:?}");
         let err = parse("[supervisord]\n= value\n").unwrap_err();
-        assert!(
-            matches!(err, ParseError::Malformed { line: 2, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, ParseError::Malformed { line: 2, .. }), "{err:?}");
     }
 
     #[test]
@@ -624,10 +556,7 @@ environment=A=1 # comment
         let path = dir.path().join("vm-virtiofsd-supervisord.conf");
         let err = read(&path).unwrap_err();
         assert!(matches!(err, SupervisordError::Read { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains("vm-virtiofsd-supervisord.conf"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("vm-virtiofsd-supervisord.conf"), "{err}");
 
         fs::write(&path, MICROVM_NIX).expect("write");
         let programs = read(&path).expect("valid file");
@@ -635,19 +564,7 @@ environment=A=1 # comment
 
         fs::write(&path, "[program:virtiofsd-a]\n").expect("write");
         let err = read(&path).unwrap_err();
-        assert!(
-            matches!(
-                &err,
-                SupervisordError::Parse {
-                    source: ParseError::MissingCommand { .. },
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            format!("supervisord configuration {} is invalid", path.display())
-        );
+        assert!(matches!(&err, SupervisordError::Parse { source: ParseError::MissingCommand { .. }, .. }), "{err:?}");
+        assert_eq!(err.to_string(), format!("supervisord configuration {} is invalid", path.display()));
     }
 }

@@ -1,1 +1,38 @@
-//! Support for end-to-end tests.
+//! Support for the end-to-end suite: every process a test starts runs in
+//! its own process group and is killed on drop; every network namespace is
+//! deleted on drop (with whatever still runs inside it); Nomad agents are the
+//! real agent built by tests/nomad-peer.
+
+pub mod bins;
+pub mod netns;
+pub mod nomad;
+pub mod plugin;
+pub mod procs;
+pub mod runner;
+pub mod wait;
+
+pub use bins::{driver_bin, nomad_bin, repo_root};
+pub use netns::Netns;
+pub use nomad::{Agent, AgentOpts};
+pub use procs::Group;
+pub use wait::wait_until;
+
+/// A temp dir others can traverse (0755): the VMM runs as an unprivileged
+/// user and needs to reach its working dir below it.
+pub fn open_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix("mvt").tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+    dir
+}
+
+/// Whether this process may do what the suite needs (netns, taps, root-owned
+/// FIFOs). Tests print why they skip rather than pass silently.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        true
+    } else {
+        eprintln!("SKIPPED {test}: needs root (network namespaces, taps)");
+        false
+    }
+}

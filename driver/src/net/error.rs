@@ -14,9 +14,7 @@ pub enum NetError {
     #[error("invalid MAC address {mac:?} for {name}")]
     InvalidMac { name: String, mac: String },
 
-    #[error(
-        "invalid macvtap mode {mode:?} for {name} (expected private, vepa, bridge, passthru or source)"
-    )]
+    #[error("invalid macvtap mode {mode:?} for {name} (expected private, vepa, bridge, passthru or source)")]
     InvalidMode { name: String, mode: String },
 
     #[error("cannot create {name}: an interface with that name already exists{}", kind_suffix(.kind))]
@@ -32,11 +30,7 @@ pub enum NetError {
     BridgeMissing { link: String, bridge: String },
 
     #[error("cannot attach {link} to bridge {bridge}: {bridge} is not a bridge{}", kind_suffix(.kind))]
-    NotABridge {
-        link: String,
-        bridge: String,
-        kind: Option<String>,
-    },
+    NotABridge { link: String, bridge: String, kind: Option<String> },
 
     #[error("cannot chown the device node of macvtap {name}: {} belongs to another device", .path.display())]
     DeviceNodeMismatch { name: String, path: PathBuf },
@@ -64,12 +58,7 @@ pub enum NetError {
 impl NetError {
     /// An OS-level failure of `op` on `name`.
     pub(crate) fn os(op: &'static str, name: &str, source: io::Error) -> Self {
-        NetError::Os {
-            op,
-            name: name.to_owned(),
-            detail: None,
-            source,
-        }
+        NetError::Os { op, name: name.to_owned(), detail: None, source }
     }
 
     /// The errno behind an [`NetError::Os`], if any.
@@ -102,11 +91,7 @@ mod tests {
 
     #[test]
     fn os_error_names_op_and_interface_without_repeating_source() {
-        let err = NetError::os(
-            "bring up",
-            "tap0",
-            io::Error::from_raw_os_error(libc::EPERM),
-        );
+        let err = NetError::os("bring up", "tap0", io::Error::from_raw_os_error(libc::EPERM));
         let msg = err.to_string();
         assert_eq!(msg, "tap0: failed to bring up");
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
@@ -115,22 +100,9 @@ mod tests {
 
     #[test]
     fn messages_name_interfaces() {
-        let err = NetError::NotABridge {
-            link: "tap0".into(),
-            bridge: "d0".into(),
-            kind: Some("dummy".into()),
-        };
-        assert_eq!(
-            err.to_string(),
-            "cannot attach tap0 to bridge d0: d0 is not a bridge (kind dummy)"
-        );
-        let err = NetError::AlreadyExists {
-            name: "eth0".into(),
-            kind: None,
-        };
-        assert_eq!(
-            err.to_string(),
-            "cannot create eth0: an interface with that name already exists"
-        );
+        let err = NetError::NotABridge { link: "tap0".into(), bridge: "d0".into(), kind: Some("dummy".into()) };
+        assert_eq!(err.to_string(), "cannot attach tap0 to bridge d0: d0 is not a bridge (kind dummy)");
+        let err = NetError::AlreadyExists { name: "eth0".into(), kind: None };
+        assert_eq!(err.to_string(), "cannot create eth0: an interface with that name already exists");
     }
 }

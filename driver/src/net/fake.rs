@@ -163,10 +163,7 @@ impl HostNet for RecordingNet {
     fn is_bridge(&self, name: &str) -> Result<bool, NetError> {
         let state = self.enter(NetCall::IsBridge(name.to_owned()), name)?;
         validate_ifname(name)?;
-        Ok(state
-            .links
-            .get(name)
-            .is_some_and(|l| l.kind == FakeLinkKind::Bridge))
+        Ok(state.links.get(name).is_some_and(|l| l.kind == FakeLinkKind::Bridge))
     }
 
     fn create_tap(&self, spec: &TapSpec) -> Result<(), NetError> {
@@ -179,45 +176,29 @@ impl HostNet for RecordingNet {
         let mut state = self.enter(NetCall::CreateMacvtap(spec.clone()), &spec.name)?;
         macvtap::validate(spec)?;
         if !state.links.contains_key(&spec.link) {
-            return Err(NetError::LowerLinkMissing {
-                name: spec.name.clone(),
-                link: spec.link.clone(),
-            });
+            return Err(NetError::LowerLinkMissing { name: spec.name.clone(), link: spec.link.clone() });
         }
         create(&mut state, &spec.name, FakeLinkKind::Macvtap)
     }
 
     fn attach_to_bridge(&self, link: &str, bridge: &str) -> Result<(), NetError> {
-        let call = NetCall::AttachToBridge {
-            link: link.to_owned(),
-            bridge: bridge.to_owned(),
-        };
+        let call = NetCall::AttachToBridge { link: link.to_owned(), bridge: bridge.to_owned() };
         let mut state = self.enter(call, link)?;
         validate_ifname(link)?;
         validate_ifname(bridge)?;
         match state.links.get(bridge).map(|l| l.kind) {
             None => {
-                return Err(NetError::BridgeMissing {
-                    link: link.to_owned(),
-                    bridge: bridge.to_owned(),
-                });
+                return Err(NetError::BridgeMissing { link: link.to_owned(), bridge: bridge.to_owned() });
             }
             Some(FakeLinkKind::Bridge) => {}
             Some(_) => {
-                return Err(NetError::NotABridge {
-                    link: link.to_owned(),
-                    bridge: bridge.to_owned(),
-                    kind: None,
-                });
+                return Err(NetError::NotABridge { link: link.to_owned(), bridge: bridge.to_owned(), kind: None });
             }
         }
         let port = state
             .links
             .get_mut(link)
-            .ok_or_else(|| NetError::NoSuchLink {
-                op: "attach to a bridge",
-                name: link.to_owned(),
-            })?;
+            .ok_or_else(|| NetError::NoSuchLink { op: "attach to a bridge", name: link.to_owned() })?;
         port.master = Some(bridge.to_owned());
         Ok(())
     }
@@ -239,10 +220,7 @@ impl HostNet for RecordingNet {
 
 fn create(state: &mut State, name: &str, kind: FakeLinkKind) -> Result<(), NetError> {
     if state.links.contains_key(name) {
-        return Err(NetError::AlreadyExists {
-            name: name.to_owned(),
-            kind: None,
-        });
+        return Err(NetError::AlreadyExists { name: name.to_owned(), kind: None });
     }
     let link = FakeLink { kind, master: None };
     state.links.insert(name.to_owned(), link);
@@ -255,13 +233,7 @@ mod tests {
     use std::sync::Arc;
 
     fn tap(name: &str) -> TapSpec {
-        TapSpec {
-            name: name.into(),
-            multi_queue: false,
-            vnet_hdr: true,
-            owner_uid: 1000,
-            owner_gid: None,
-        }
+        TapSpec { name: name.into(), multi_queue: false, vnet_hdr: true, owner_uid: 1000, owner_gid: None }
     }
 
     fn macvtap(name: &str, link: &str) -> MacvtapSpec {
@@ -315,40 +287,16 @@ mod tests {
     fn mirrors_linux_errors() {
         let net = RecordingNet::new().with_link("eth0").with_bridge("br0");
         net.create_tap(&tap("tap0")).unwrap();
-        assert!(matches!(
-            net.create_tap(&tap("tap0")),
-            Err(NetError::AlreadyExists { .. })
-        ));
-        assert!(matches!(
-            net.create_tap(&tap("eth0")),
-            Err(NetError::AlreadyExists { .. })
-        ));
-        assert!(matches!(
-            net.attach_to_bridge("tap0", "nobr"),
-            Err(NetError::BridgeMissing { .. })
-        ));
-        assert!(matches!(
-            net.attach_to_bridge("tap0", "eth0"),
-            Err(NetError::NotABridge { .. })
-        ));
-        assert!(matches!(
-            net.attach_to_bridge("tap9", "br0"),
-            Err(NetError::NoSuchLink { .. })
-        ));
-        assert!(matches!(
-            net.create_macvtap(&macvtap("mv0", "eth9")),
-            Err(NetError::LowerLinkMissing { .. })
-        ));
+        assert!(matches!(net.create_tap(&tap("tap0")), Err(NetError::AlreadyExists { .. })));
+        assert!(matches!(net.create_tap(&tap("eth0")), Err(NetError::AlreadyExists { .. })));
+        assert!(matches!(net.attach_to_bridge("tap0", "nobr"), Err(NetError::BridgeMissing { .. })));
+        assert!(matches!(net.attach_to_bridge("tap0", "eth0"), Err(NetError::NotABridge { .. })));
+        assert!(matches!(net.attach_to_bridge("tap9", "br0"), Err(NetError::NoSuchLink { .. })));
+        assert!(matches!(net.create_macvtap(&macvtap("mv0", "eth9")), Err(NetError::LowerLinkMissing { .. })));
         let mut bad = macvtap("mv0", "eth0");
         bad.mode = "nat".into();
-        assert!(matches!(
-            net.create_macvtap(&bad),
-            Err(NetError::InvalidMode { .. })
-        ));
-        assert!(matches!(
-            net.create_tap(&tap("bad name")),
-            Err(NetError::InvalidName { .. })
-        ));
+        assert!(matches!(net.create_macvtap(&bad), Err(NetError::InvalidMode { .. })));
+        assert!(matches!(net.create_tap(&tap("bad name")), Err(NetError::InvalidName { .. })));
         assert_eq!(net.calls().len(), 9, "failed calls are recorded too");
     }
 
@@ -371,10 +319,7 @@ mod tests {
         assert!(err.to_string().starts_with("tap0: failed to"), "{err}");
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
         assert!(net.create_tap(&tap("tap0")).is_err());
-        assert!(
-            !net.link_exists("tap0").unwrap(),
-            "failed call changed nothing"
-        );
+        assert!(!net.link_exists("tap0").unwrap(), "failed call changed nothing");
         net.create_tap(&tap("tap0")).unwrap();
         net.fail_next(NetCallKind::DeleteLink);
         assert!(net.delete_link("tap0").is_err());

@@ -51,15 +51,10 @@ impl HostNet for LinuxNet {
             Err(err) => return Err(err),
         }
         let mut up = || -> Result<(), NetError> {
-            let link = lookup(&mut rtnl, "look up new tap", name)?.ok_or_else(|| {
-                NetError::NoSuchLink {
-                    op: "look up new tap",
-                    name: name.to_owned(),
-                }
-            })?;
+            let link = lookup(&mut rtnl, "look up new tap", name)?
+                .ok_or_else(|| NetError::NoSuchLink { op: "look up new tap", name: name.to_owned() })?;
             let up = libc::IFF_UP as u32;
-            rtnl.set_flags(link.index, up, up)
-                .map_err(|e| e.into_net("bring up", name))
+            rtnl.set_flags(link.index, up, up).map_err(|e| e.into_net("bring up", name))
         };
         let result = up();
         if result.is_err() {
@@ -82,42 +77,27 @@ impl HostNet for LinuxNet {
         validate_ifname(bridge)?;
         let op = "attach to a bridge";
         let mut rtnl = rtnl("open a netlink socket", link)?;
-        let br = lookup(&mut rtnl, "look up bridge", bridge)?.ok_or_else(|| {
-            NetError::BridgeMissing {
-                link: link.to_owned(),
-                bridge: bridge.to_owned(),
-            }
-        })?;
+        let br = lookup(&mut rtnl, "look up bridge", bridge)?
+            .ok_or_else(|| NetError::BridgeMissing { link: link.to_owned(), bridge: bridge.to_owned() })?;
         if br.kind.as_deref() != Some("bridge") {
-            return Err(NetError::NotABridge {
-                link: link.to_owned(),
-                bridge: bridge.to_owned(),
-                kind: br.kind,
-            });
+            return Err(NetError::NotABridge { link: link.to_owned(), bridge: bridge.to_owned(), kind: br.kind });
         }
-        let port = lookup(&mut rtnl, op, link)?.ok_or_else(|| NetError::NoSuchLink {
-            op,
-            name: link.to_owned(),
-        })?;
+        let port = lookup(&mut rtnl, op, link)?.ok_or_else(|| NetError::NoSuchLink { op, name: link.to_owned() })?;
         if port.master == Some(br.index) {
             return Ok(());
         }
-        rtnl.set_master(port.index, br.index)
-            .map_err(|e| NetError::Attach {
-                link: link.to_owned(),
-                bridge: bridge.to_owned(),
-                detail: e.msg,
-                source: e.source,
-            })
+        rtnl.set_master(port.index, br.index).map_err(|e| NetError::Attach {
+            link: link.to_owned(),
+            bridge: bridge.to_owned(),
+            detail: e.msg,
+            source: e.source,
+        })
     }
 
     fn delete_link(&self, name: &str) -> Result<(), NetError> {
         validate_ifname(name)?;
         let op = "delete";
-        rtnl(op, name)?
-            .del_link(name)
-            .map(drop)
-            .map_err(|e| e.into_net(op, name))
+        rtnl(op, name)?.del_link(name).map(drop).map_err(|e| e.into_net(op, name))
     }
 }
 
@@ -128,18 +108,9 @@ mod tests {
     #[test]
     fn invalid_names_fail_before_any_syscall() {
         let net = LinuxNet::new();
-        assert!(matches!(
-            net.link_exists("a/b"),
-            Err(NetError::InvalidName { .. })
-        ));
-        assert!(matches!(
-            net.delete_link(""),
-            Err(NetError::InvalidName { .. })
-        ));
-        assert!(matches!(
-            net.attach_to_bridge("tap0", "br%d"),
-            Err(NetError::InvalidName { .. })
-        ));
+        assert!(matches!(net.link_exists("a/b"), Err(NetError::InvalidName { .. })));
+        assert!(matches!(net.delete_link(""), Err(NetError::InvalidName { .. })));
+        assert!(matches!(net.attach_to_bridge("tap0", "br%d"), Err(NetError::InvalidName { .. })));
         let spec = TapSpec {
             name: "x234567890123456".into(),
             multi_queue: false,
@@ -147,9 +118,6 @@ mod tests {
             owner_uid: 0,
             owner_gid: None,
         };
-        assert!(matches!(
-            net.create_tap(&spec),
-            Err(NetError::InvalidName { .. })
-        ));
+        assert!(matches!(net.create_tap(&spec), Err(NetError::InvalidName { .. })));
     }
 }

@@ -70,14 +70,10 @@ pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
 pub(crate) fn validate(spec: &MacvtapSpec) -> Result<([u8; 6], MacvtapMode), NetError> {
     validate_ifname(&spec.name)?;
     validate_ifname(&spec.link)?;
-    let mac = parse_mac(&spec.mac).ok_or_else(|| NetError::InvalidMac {
-        name: spec.name.clone(),
-        mac: spec.mac.clone(),
-    })?;
-    let mode = spec.mode.parse().map_err(|()| NetError::InvalidMode {
-        name: spec.name.clone(),
-        mode: spec.mode.clone(),
-    })?;
+    let mac =
+        parse_mac(&spec.mac).ok_or_else(|| NetError::InvalidMac { name: spec.name.clone(), mac: spec.mac.clone() })?;
+    let mode =
+        spec.mode.parse().map_err(|()| NetError::InvalidMode { name: spec.name.clone(), mode: spec.mode.clone() })?;
     Ok((mac, mode))
 }
 
@@ -88,10 +84,7 @@ pub(crate) fn create(rtnl: &mut Rtnl, spec: &MacvtapSpec) -> Result<(), NetError
     let lower = rtnl
         .get_link(&spec.link)
         .map_err(|e| e.into_net("look up lower link", name))?
-        .ok_or_else(|| NetError::LowerLinkMissing {
-            name: name.to_owned(),
-            link: spec.link.clone(),
-        })?;
+        .ok_or_else(|| NetError::LowerLinkMissing { name: name.to_owned(), link: spec.link.clone() })?;
     let allmulti = libc::IFF_ALLMULTI as u32;
     if let Err(err) = rtnl.new_macvtap(name, lower.index, mac, mode.to_kernel(), allmulti) {
         return Err(match err.errno() {
@@ -116,14 +109,10 @@ fn configure(rtnl: &mut Rtnl, spec: &MacvtapSpec) -> Result<(), NetError> {
     let link = rtnl
         .get_link(name)
         .map_err(|e| e.into_net("look up new macvtap", name))?
-        .ok_or_else(|| NetError::NoSuchLink {
-            op: "look up new macvtap",
-            name: name.to_owned(),
-        })?;
+        .ok_or_else(|| NetError::NoSuchLink { op: "look up new macvtap", name: name.to_owned() })?;
     disable_ipv6(name)?;
     let up = libc::IFF_UP as u32;
-    rtnl.set_flags(link.index, up, up)
-        .map_err(|e: NlError| e.into_net("bring up", name))?;
+    rtnl.set_flags(link.index, up, up).map_err(|e: NlError| e.into_net("bring up", name))?;
     let node = device_node(name, link.index)?;
     std::os::unix::fs::chown(&node, Some(spec.owner_uid), Some(spec.owner_gid))
         .map_err(|e| NetError::os("chown its /dev/tap device node", name, e))?;
@@ -135,10 +124,7 @@ fn configure(rtnl: &mut Rtnl, spec: &MacvtapSpec) -> Result<(), NetError> {
 /// calling thread's netns.
 fn disable_ipv6(name: &str) -> Result<(), NetError> {
     // sysctl paths spell '.' in interface names as '/'.
-    let path = format!(
-        "/proc/sys/net/ipv6/conf/{}/disable_ipv6",
-        name.replace('.', "/")
-    );
+    let path = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", name.replace('.', "/"));
     match fs::write(&path, "1") {
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other.map_err(|e| NetError::os("disable IPv6", name, e)),
@@ -152,12 +138,8 @@ fn disable_ipv6(name: &str) -> Result<(), NetError> {
 /// VM's traffic to our VMM user.
 fn device_node(name: &str, ifindex: u32) -> Result<PathBuf, NetError> {
     let node = PathBuf::from(format!("/dev/tap{ifindex}"));
-    let meta =
-        fs::metadata(&node).map_err(|e| NetError::os("find its /dev/tap device node", name, e))?;
-    let mismatch = || NetError::DeviceNodeMismatch {
-        name: name.to_owned(),
-        path: node.clone(),
-    };
+    let meta = fs::metadata(&node).map_err(|e| NetError::os("find its /dev/tap device node", name, e))?;
+    let mismatch = || NetError::DeviceNodeMismatch { name: name.to_owned(), path: node.clone() };
     if !meta.file_type().is_char_device() {
         return Err(mismatch());
     }
@@ -166,11 +148,7 @@ fn device_node(name: &str, ifindex: u32) -> Result<PathBuf, NetError> {
     match fs::read_link(Path::new(&sys)) {
         Ok(target) => {
             let expected = format!("/net/{name}/macvtap/tap{ifindex}");
-            if target.to_string_lossy().ends_with(&expected) {
-                Ok(node)
-            } else {
-                Err(mismatch())
-            }
+            if target.to_string_lossy().ends_with(&expected) { Ok(node) } else { Err(mismatch()) }
         }
         Err(err) => {
             tracing::debug!(interface = name, error = %err, "cannot verify macvtap device node via sysfs");
@@ -185,10 +163,7 @@ mod tests {
 
     #[test]
     fn parses_macs() {
-        assert_eq!(
-            parse_mac("02:00:5e:Aa:bB:01"),
-            Some([0x02, 0x00, 0x5e, 0xaa, 0xbb, 0x01])
-        );
+        assert_eq!(parse_mac("02:00:5e:Aa:bB:01"), Some([0x02, 0x00, 0x5e, 0xaa, 0xbb, 0x01]));
         for bad in [
             "",
             "02:00:5e:aa:bb",
@@ -207,10 +182,7 @@ mod tests {
     #[test]
     fn modes_map_to_kernel_values() {
         let modes = ["private", "vepa", "bridge", "passthru", "source"];
-        let values: Vec<u32> = modes
-            .iter()
-            .map(|m| m.parse::<MacvtapMode>().unwrap().to_kernel())
-            .collect();
+        let values: Vec<u32> = modes.iter().map(|m| m.parse::<MacvtapMode>().unwrap().to_kernel()).collect();
         assert_eq!(values, [1, 2, 4, 8, 16]);
         assert!("Bridge".parse::<MacvtapMode>().is_err());
     }

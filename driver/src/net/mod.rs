@@ -93,12 +93,7 @@ pub const MAX_IFNAME_LEN: usize = 15;
 /// `%` (which the kernel would treat as a `%d` name template and replace):
 /// 1..=15 bytes, not `.` or `..`, no `/`, `:`, `%`, NUL or whitespace.
 pub fn validate_ifname(name: &str) -> Result<(), NetError> {
-    let bad = |reason: &'static str| {
-        Err(NetError::InvalidName {
-            name: name.to_owned(),
-            reason,
-        })
-    };
+    let bad = |reason: &'static str| Err(NetError::InvalidName { name: name.to_owned(), reason });
     if name.is_empty() {
         return bad("empty");
     }
@@ -128,51 +123,25 @@ mod tests {
 
     #[test]
     fn validate_ifname_accepts_ordinary_names() {
-        for name in [
-            "tap0",
-            "vm-web-1",
-            "a",
-            "eth0.100",
-            "br_lan",
-            "x23456789012345",
-            "é",
-        ] {
+        for name in ["tap0", "vm-web-1", "a", "eth0.100", "br_lan", "x23456789012345", "é"] {
             assert!(validate_ifname(name).is_ok(), "{name}");
         }
     }
 
     #[test]
     fn validate_ifname_rejects_bad_names() {
-        for name in [
-            "",
-            "x234567890123456",
-            ".",
-            "..",
-            "a/b",
-            "a:b",
-            "tap%d",
-            "a\0b",
-            "a b",
-            "a\tb",
-            "a\nb",
-            "ééééééééé",
-        ] {
+        for name in
+            ["", "x234567890123456", ".", "..", "a/b", "a:b", "tap%d", "a\0b", "a b", "a\tb", "a\nb", "ééééééééé"]
+        {
             let err = validate_ifname(name).unwrap_err();
-            assert!(
-                matches!(err, NetError::InvalidName { .. }),
-                "{name:?}: {err}"
-            );
-            assert!(
-                err.to_string().starts_with("invalid interface name"),
-                "{err}"
-            );
+            assert!(matches!(err, NetError::InvalidName { .. }), "{name:?}: {err}");
+            assert!(err.to_string().starts_with("invalid interface name"), "{err}");
         }
     }
 
     #[test]
     fn host_net_is_object_safe() {
-        let nets: Vec<Box<dyn HostNet>> =
-            vec![Box::new(LinuxNet::new()), Box::new(RecordingNet::new())];
+        let nets: Vec<Box<dyn HostNet>> = vec![Box::new(LinuxNet::new()), Box::new(RecordingNet::new())];
         assert_eq!(nets.len(), 2);
     }
 }

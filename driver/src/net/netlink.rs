@@ -10,8 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt, socket,
-    sockopt,
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt, socket, sockopt,
 };
 
 use super::NetError;
@@ -67,12 +66,7 @@ impl NlError {
     }
 
     pub fn into_net(self, op: &'static str, name: &str) -> NetError {
-        NetError::Os {
-            op,
-            name: name.to_owned(),
-            detail: self.msg,
-            source: self.source,
-        }
+        NetError::Os { op, name: name.to_owned(), detail: self.msg, source: self.source }
     }
 }
 
@@ -109,19 +103,10 @@ pub(crate) struct Rtnl {
 
 impl Rtnl {
     pub fn open() -> io::Result<Rtnl> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkRoute,
-        )?;
+        let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)?;
         // The kernel always answers a request; the timeout only guards
         // against a bug leaving us blocked forever.
-        setsockopt(
-            &fd,
-            sockopt::ReceiveTimeout,
-            &nix::sys::time::TimeVal::new(10, 0),
-        )?;
+        setsockopt(&fd, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(10, 0))?;
         // Best effort: extended acks give error text; capped acks keep
         // errors small. Both exist since Linux 4.12 / 4.2.
         for opt in [NETLINK_EXT_ACK, NETLINK_CAP_ACK] {
@@ -176,18 +161,8 @@ impl Rtnl {
     }
 
     /// Creates a macvtap (down) on `lower`; `flags` are set at creation.
-    pub fn new_macvtap(
-        &mut self,
-        name: &str,
-        lower: u32,
-        mac: [u8; 6],
-        mode: u32,
-        flags: u32,
-    ) -> NlResult<()> {
-        let mut msg = Msg::new(
-            RTM_NEWLINK,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        );
+    pub fn new_macvtap(&mut self, name: &str, lower: u32, mac: [u8; 6], mode: u32, flags: u32) -> NlResult<()> {
+        let mut msg = Msg::new(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL);
         msg.ifinfo(0, flags, flags);
         msg.attr_str(IFLA_IFNAME, name);
         msg.attr_u32(IFLA_LINK, lower);
@@ -226,11 +201,7 @@ impl Rtnl {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             // Peek for the datagram's full size so nothing is truncated.
-            let size = recv(
-                self.fd.as_raw_fd(),
-                &mut buf,
-                MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC,
-            )?;
+            let size = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC)?;
             if size > buf.len() {
                 buf.resize(size, 0);
             }
@@ -271,40 +242,24 @@ fn parse_ack(payload: &[u8], flags: u16) -> NlResult<()> {
     }
     let mut msg = None;
     if flags & NLM_F_ACK_TLVS != 0 && payload.len() >= 4 + NLMSG_HDRLEN {
-        let orig_len = if flags & NLM_F_CAPPED != 0 {
-            NLMSG_HDRLEN
-        } else {
-            read_u32(payload, 4) as usize
-        };
+        let orig_len = if flags & NLM_F_CAPPED != 0 { NLMSG_HDRLEN } else { read_u32(payload, 4) as usize };
         if let Some(tlvs) = payload.get(4 + align4(orig_len)..) {
-            msg = attrs(tlvs)
-                .find(|(ty, _)| *ty == NLMSGERR_ATTR_MSG)
-                .map(|(_, data)| c_string(data));
+            msg = attrs(tlvs).find(|(ty, _)| *ty == NLMSGERR_ATTR_MSG).map(|(_, data)| c_string(data));
         }
     }
-    Err(NlError {
-        source: io::Error::from_raw_os_error(-error),
-        msg,
-    })
+    Err(NlError { source: io::Error::from_raw_os_error(-error), msg })
 }
 
 fn parse_link(payload: &[u8]) -> io::Result<LinkInfo> {
     if payload.len() < IFINFOMSG_LEN {
         return Err(io::Error::from_raw_os_error(libc::EPROTO));
     }
-    let mut info = LinkInfo {
-        index: read_u32(payload, 4),
-        flags: read_u32(payload, 8),
-        kind: None,
-        master: None,
-    };
+    let mut info = LinkInfo { index: read_u32(payload, 4), flags: read_u32(payload, 8), kind: None, master: None };
     for (ty, data) in attrs(&payload[IFINFOMSG_LEN..]) {
         match ty {
             IFLA_MASTER if data.len() >= 4 => info.master = Some(read_u32(data, 0)),
             IFLA_LINKINFO => {
-                info.kind = attrs(data)
-                    .find(|(ty, _)| *ty == IFLA_INFO_KIND)
-                    .map(|(_, kind)| c_string(kind));
+                info.kind = attrs(data).find(|(ty, _)| *ty == IFLA_INFO_KIND).map(|(_, kind)| c_string(kind));
             }
             _ => {}
         }
@@ -390,8 +345,7 @@ impl Msg {
     fn begin_nest(&mut self, ty: u16) -> usize {
         let start = self.buf.len();
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf
-            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        self.buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
         start
     }
 

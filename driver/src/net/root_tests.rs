@@ -38,22 +38,10 @@ fn in_netns(f: impl FnOnce() + Send + 'static) {
     let result = std::thread::spawn(move || {
         unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS).expect("unshare netns+mntns");
         // Stop our mounts from propagating to the host before mounting.
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .expect("make / private");
-        mount(
-            Some("sysfs"),
-            "/sys",
-            Some("sysfs"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .expect("mount sysfs for the new netns");
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+            .expect("make / private");
+        mount(Some("sysfs"), "/sys", Some("sysfs"), MsFlags::empty(), None::<&str>)
+            .expect("mount sysfs for the new netns");
         let ns = fs::read_link("/proc/thread-self/ns/net").expect("read thread netns");
         assert_ne!(ns, host_ns, "not in a new netns");
         assert_eq!(sys_links(), ["lo"], "fresh netns should only have lo");
@@ -98,10 +86,7 @@ fn add_plain_link(name: &str) -> &'static str {
 
 fn sys(name: &str, attr: &str) -> String {
     let path = format!("/sys/class/net/{name}/{attr}");
-    fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("read {path}: {e}"))
-        .trim()
-        .to_owned()
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}")).trim().to_owned()
 }
 
 fn sys_hex(name: &str, attr: &str) -> u32 {
@@ -110,22 +95,13 @@ fn sys_hex(name: &str, attr: &str) -> u32 {
 }
 
 fn tap(name: &str, multi_queue: bool, gid: Option<u32>) -> TapSpec {
-    TapSpec {
-        name: name.into(),
-        multi_queue,
-        vnet_hdr: true,
-        owner_uid: UID,
-        owner_gid: gid,
-    }
+    TapSpec { name: name.into(), multi_queue, vnet_hdr: true, owner_uid: UID, owner_gid: gid }
 }
 
 /// Reopens an existing tap by name the way a VMM does (no IFF_TUN_EXCL).
 fn reopen(name: &str, flags: libc::c_int) -> std::io::Result<fs::File> {
     use std::os::fd::AsRawFd;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
+    let file = fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
     // SAFETY: an all-zero ifreq is valid.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
@@ -156,11 +132,7 @@ fn tap_single_queue_with_vnet_hdr() {
         assert_ne!(tun_flags & libc::IFF_TAP as u32, 0, "{tun_flags:#x}");
         assert_ne!(tun_flags & libc::IFF_NO_PI as u32, 0, "{tun_flags:#x}");
         assert_ne!(tun_flags & libc::IFF_VNET_HDR as u32, 0, "{tun_flags:#x}");
-        assert_eq!(
-            tun_flags & libc::IFF_MULTI_QUEUE as u32,
-            0,
-            "{tun_flags:#x}"
-        );
+        assert_eq!(tun_flags & libc::IFF_MULTI_QUEUE as u32, 0, "{tun_flags:#x}");
         assert_eq!(sys("vmtap0", "owner"), UID.to_string());
         assert_eq!(sys("vmtap0", "group"), GID.to_string());
         assert_ne!(sys_hex("vmtap0", "flags") & libc::IFF_UP as u32, 0);
@@ -172,10 +144,7 @@ fn tap_single_queue_with_vnet_hdr() {
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
 
         let err = net.create_tap(&tap("vmtap0", false, None)).unwrap_err();
-        assert!(
-            matches!(&err, NetError::AlreadyExists { kind: Some(k), .. } if k == "tun"),
-            "{err:?}"
-        );
+        assert!(matches!(&err, NetError::AlreadyExists { kind: Some(k), .. } if k == "tun"), "{err:?}");
         net.delete_link("vmtap0").unwrap();
     });
 }
@@ -189,11 +158,7 @@ fn tap_multi_queue() {
         let net = LinuxNet::new();
         net.create_tap(&tap("vmtapmq", true, None)).unwrap();
         let tun_flags = sys_hex("vmtapmq", "tun_flags");
-        assert_ne!(
-            tun_flags & 0x100,
-            0,
-            "IFF_MULTI_QUEUE missing: {tun_flags:#x}"
-        );
+        assert_ne!(tun_flags & 0x100, 0, "IFF_MULTI_QUEUE missing: {tun_flags:#x}");
         assert_ne!(tun_flags & libc::IFF_VNET_HDR as u32, 0, "{tun_flags:#x}");
         assert_eq!(sys("vmtapmq", "owner"), UID.to_string());
         assert_eq!(sys("vmtapmq", "group"), "-1");
@@ -226,14 +191,8 @@ fn bridge_attach_and_errors() {
         net.attach_to_bridge("vmtapbr", "br0").unwrap(); // idempotent
 
         let err = net.attach_to_bridge("vmtapbr", "d0").unwrap_err();
-        assert!(
-            matches!(&err, NetError::NotABridge { kind: Some(k), .. } if k == plain),
-            "{err:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            format!("cannot attach vmtapbr to bridge d0: d0 is not a bridge (kind {plain})")
-        );
+        assert!(matches!(&err, NetError::NotABridge { kind: Some(k), .. } if k == plain), "{err:?}");
+        assert_eq!(err.to_string(), format!("cannot attach vmtapbr to bridge d0: d0 is not a bridge (kind {plain})"));
         let err = net.attach_to_bridge("vmtapbr", "br9").unwrap_err();
         assert!(matches!(err, NetError::BridgeMissing { .. }), "{err:?}");
         let err = net.attach_to_bridge("nothere", "br0").unwrap_err();
@@ -242,15 +201,8 @@ fn bridge_attach_and_errors() {
         ip(&["link", "add", "br1", "type", "bridge"]);
         let err = net.attach_to_bridge("br1", "br0").unwrap_err();
         eprintln!("bridge into bridge: {err}");
-        assert!(
-            matches!(&err, NetError::Attach { detail: Some(d), .. } if d.contains("bridge")),
-            "{err:?}"
-        );
-        assert!(
-            err.to_string()
-                .starts_with("cannot attach br1 to bridge br0"),
-            "{err}"
-        );
+        assert!(matches!(&err, NetError::Attach { detail: Some(d), .. } if d.contains("bridge")), "{err:?}");
+        assert!(err.to_string().starts_with("cannot attach br1 to bridge br0"), "{err}");
         net.delete_link("br1").unwrap();
         // Still attached to br0 after the failed attempts.
         let master = fs::read_link("/sys/class/net/vmtapbr/master").unwrap();
@@ -275,20 +227,14 @@ fn tap_name_taken_by_non_tap() {
         let net = LinuxNet::new();
         let plain = add_plain_link("d1");
         let err = net.create_tap(&tap("d1", false, None)).unwrap_err();
-        assert!(
-            matches!(&err, NetError::AlreadyExists { kind: Some(k), .. } if k == plain),
-            "{err:?}"
-        );
+        assert!(matches!(&err, NetError::AlreadyExists { kind: Some(k), .. } if k == plain), "{err:?}");
         assert_eq!(
             err.to_string(),
             format!("cannot create d1: an interface with that name already exists (kind {plain})")
         );
         assert!(net.link_exists("d1").unwrap(), "the dummy must survive");
         let err = net.create_tap(&tap("lo", false, None)).unwrap_err();
-        assert!(
-            matches!(err, NetError::AlreadyExists { kind: None, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, NetError::AlreadyExists { kind: None, .. }), "{err:?}");
     });
 }
 
@@ -328,34 +274,17 @@ fn macvtap_on_dummy() {
             let v = fs::read_to_string("/proc/sys/net/ipv6/conf/vmmv0/disable_ipv6").unwrap();
             assert_eq!(v.trim(), "1");
         }
-        let details = Command::new("ip")
-            .args(["-d", "link", "show", "vmmv0"])
-            .output()
-            .unwrap();
+        let details = Command::new("ip").args(["-d", "link", "show", "vmmv0"]).output().unwrap();
         let details = String::from_utf8_lossy(&details.stdout);
         assert!(details.contains("macvtap mode bridge"), "{details}");
 
         let err = net.create_macvtap(&spec).unwrap_err();
-        assert!(
-            matches!(&err, NetError::AlreadyExists { kind: Some(k), .. } if k == "macvtap"),
-            "{err:?}"
-        );
-        let missing = MacvtapSpec {
-            name: "vmmv1".into(),
-            link: "d9".into(),
-            ..spec.clone()
-        };
+        assert!(matches!(&err, NetError::AlreadyExists { kind: Some(k), .. } if k == "macvtap"), "{err:?}");
+        let missing = MacvtapSpec { name: "vmmv1".into(), link: "d9".into(), ..spec.clone() };
         let err = net.create_macvtap(&missing).unwrap_err();
         assert!(matches!(err, NetError::LowerLinkMissing { .. }), "{err:?}");
-        let multicast = MacvtapSpec {
-            name: "vmmv1".into(),
-            mac: "01:00:5e:00:00:01".into(),
-            ..spec.clone()
-        };
-        assert!(matches!(
-            net.create_macvtap(&multicast),
-            Err(NetError::InvalidMac { .. })
-        ));
+        let multicast = MacvtapSpec { name: "vmmv1".into(), mac: "01:00:5e:00:00:01".into(), ..spec.clone() };
+        assert!(matches!(net.create_macvtap(&multicast), Err(NetError::InvalidMac { .. })));
         assert!(!net.link_exists("vmmv1").unwrap());
 
         net.delete_link("vmmv0").unwrap();
@@ -383,18 +312,11 @@ fn kernel_rejects_what_validation_misses() {
             owner_uid: UID,
             owner_gid: GID,
         };
-        net.create_macvtap(&spec("vmmva", "bridge", "02:00:00:00:00:0a"))
-            .unwrap();
-        let err = net
-            .create_macvtap(&spec("vmmvb", "passthru", "02:00:00:00:00:0b"))
-            .unwrap_err();
+        net.create_macvtap(&spec("vmmva", "bridge", "02:00:00:00:00:0a")).unwrap();
+        let err = net.create_macvtap(&spec("vmmvb", "passthru", "02:00:00:00:00:0b")).unwrap_err();
         eprintln!("passthru on a busy lower link: {err}");
         assert!(matches!(err, NetError::Os { .. }), "{err:?}");
-        assert!(
-            err.to_string()
-                .starts_with("vmmvb: failed to create macvtap"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("vmmvb: failed to create macvtap"), "{err}");
         assert!(err.raw_os_error().is_some());
         assert!(!net.link_exists("vmmvb").unwrap());
         net.delete_link("vmmva").unwrap();

@@ -55,10 +55,7 @@ pub(crate) fn create_persistent_tap(spec: &TapSpec) -> Result<(), NetError> {
     if rc < 0 {
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EBUSY) {
-            return Err(NetError::AlreadyExists {
-                name: name.to_owned(),
-                kind: None,
-            });
+            return Err(NetError::AlreadyExists { name: name.to_owned(), kind: None });
         }
         return Err(NetError::os("create tap (TUNSETIFF)", name, err));
     }
@@ -66,8 +63,7 @@ pub(crate) fn create_persistent_tap(spec: &TapSpec) -> Result<(), NetError> {
     int_ioctl(&tun, libc::TUNSETOWNER, spec.owner_uid)
         .map_err(|e| NetError::os("set tap owner (TUNSETOWNER)", name, e))?;
     if let Some(gid) = spec.owner_gid {
-        int_ioctl(&tun, libc::TUNSETGROUP, gid)
-            .map_err(|e| NetError::os("set tap group (TUNSETGROUP)", name, e))?;
+        int_ioctl(&tun, libc::TUNSETGROUP, gid).map_err(|e| NetError::os("set tap group (TUNSETGROUP)", name, e))?;
     }
     int_ioctl(&tun, libc::TUNSETPERSIST, 1)
         .map_err(|e| NetError::os("make tap persistent (TUNSETPERSIST)", name, e))?;
@@ -80,11 +76,7 @@ fn int_ioctl(file: &File, request: libc::Ioctl, value: u32) -> io::Result<()> {
     // SAFETY: `file` is an open /dev/net/tun fd; the TUNSET{OWNER,GROUP,PERSIST}
     // ioctls take their argument by value, no memory is passed.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, libc::c_ulong::from(value)) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 #[cfg(test)]
@@ -92,22 +84,13 @@ mod tests {
     use super::*;
 
     fn spec(multi_queue: bool, vnet_hdr: bool) -> TapSpec {
-        TapSpec {
-            name: "t".into(),
-            multi_queue,
-            vnet_hdr,
-            owner_uid: 0,
-            owner_gid: None,
-        }
+        TapSpec { name: "t".into(), multi_queue, vnet_hdr, owner_uid: 0, owner_gid: None }
     }
 
     #[test]
     fn flags_follow_spec() {
         assert_eq!(tap_flags(&spec(false, false)), 0x0002 | 0x1000);
         assert_eq!(tap_flags(&spec(false, true)), 0x0002 | 0x1000 | 0x4000);
-        assert_eq!(
-            tap_flags(&spec(true, true)),
-            0x0002 | 0x1000 | 0x4000 | 0x0100
-        );
+        assert_eq!(tap_flags(&spec(true, true)), 0x0002 | 0x1000 | 0x4000 | 0x0100);
     }
 }

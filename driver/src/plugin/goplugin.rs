@@ -6,8 +6,8 @@ use std::pin::Pin;
 
 use futures_util::Stream;
 use microvm_proto::goplugin::{
-    ConnInfo, Empty, StdioData, grpc_broker_server::GrpcBroker,
-    grpc_controller_server::GrpcController, grpc_stdio_server::GrpcStdio,
+    ConnInfo, Empty, StdioData, grpc_broker_server::GrpcBroker, grpc_controller_server::GrpcController,
+    grpc_stdio_server::GrpcStdio,
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
@@ -73,10 +73,7 @@ pub struct Stdio {
 impl GrpcStdio for Stdio {
     type StreamStdioStream = BoxStream<StdioData>;
 
-    async fn stream_stdio(
-        &self,
-        _: Request<()>,
-    ) -> Result<Response<Self::StreamStdioStream>, Status> {
+    async fn stream_stdio(&self, _: Request<()>) -> Result<Response<Self::StreamStdioStream>, Status> {
         Ok(Response::new(silent_until(self.shutdown.clone())))
     }
 }

@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 
 /// Nomad's go-plugin handshake cookie (plugins/base/plugin.go).
 pub const MAGIC_COOKIE_KEY: &str = "NOMAD_PLUGIN_MAGIC_COOKIE";
-pub const MAGIC_COOKIE_VALUE: &str =
-    "e4327c2e01eabfd75a8a67adb114fb34a757d57eee7728d857a8cec6e91a7255";
+pub const MAGIC_COOKIE_VALUE: &str = "e4327c2e01eabfd75a8a67adb114fb34a757d57eee7728d857a8cec6e91a7255";
 /// go-plugin's own protocol version (first field of the handshake line).
 pub const CORE_PROTOCOL_VERSION: u32 = 1;
 /// Nomad's plugin API protocol version (second field).
@@ -62,10 +61,7 @@ pub fn check_env(env: impl Fn(&str) -> Option<String>) -> Result<(), HandshakeEr
 /// `CORE|APP|NETWORK|ADDRESS|PROTOCOL|SERVERCERT`. The certificate field stays
 /// empty: Nomad never enables AutoMTLS, and a certificate there crashes it.
 pub fn handshake_line(socket: &Path) -> String {
-    format!(
-        "{CORE_PROTOCOL_VERSION}|{APP_PROTOCOL_VERSION}|unix|{}|grpc|\n",
-        socket.display()
-    )
+    format!("{CORE_PROTOCOL_VERSION}|{APP_PROTOCOL_VERSION}|unix|{}|grpc|\n", socket.display())
 }
 
 /// Where to put the plugin's socket: `$PLUGIN_UNIX_SOCKET_DIR`, else `$TMPDIR`,
@@ -84,46 +80,28 @@ mod tests {
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
     #[test]
     fn handshake_line_is_exact() {
-        assert_eq!(
-            handshake_line(Path::new("/tmp/plugin42")),
-            "1|2|unix|/tmp/plugin42|grpc|\n"
-        );
+        assert_eq!(handshake_line(Path::new("/tmp/plugin42")), "1|2|unix|/tmp/plugin42|grpc|\n");
     }
 
     #[test]
     fn cookie_is_required_and_exact() {
         assert_eq!(check_env(env_of(&[])), Err(HandshakeError::NotStartedByNomad));
-        assert_eq!(
-            check_env(env_of(&[(MAGIC_COOKIE_KEY, "nope")])),
-            Err(HandshakeError::NotStartedByNomad)
-        );
+        assert_eq!(check_env(env_of(&[(MAGIC_COOKIE_KEY, "nope")])), Err(HandshakeError::NotStartedByNomad));
         assert_eq!(check_env(env_of(&[(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE)])), Ok(()));
     }
 
     #[test]
     fn protocol_versions_must_include_two() {
-        let ok = env_of(&[
-            (MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE),
-            ("PLUGIN_PROTOCOL_VERSIONS", "1, 2"),
-        ]);
+        let ok = env_of(&[(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE), ("PLUGIN_PROTOCOL_VERSIONS", "1, 2")]);
         assert_eq!(check_env(ok), Ok(()));
-        let bad = env_of(&[
-            (MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE),
-            ("PLUGIN_PROTOCOL_VERSIONS", "3,4"),
-        ]);
-        assert_eq!(
-            check_env(bad),
-            Err(HandshakeError::UnsupportedProtocol { offered: "3,4".into() })
-        );
+        let bad = env_of(&[(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE), ("PLUGIN_PROTOCOL_VERSIONS", "3,4")]);
+        assert_eq!(check_env(bad), Err(HandshakeError::UnsupportedProtocol { offered: "3,4".into() }));
     }
 
     #[test]

@@ -62,14 +62,7 @@ pub const MAX_LINE_BYTES: usize = 60 * 1024;
 const LOCAL_CRATES: &[&str] = &[env!("CARGO_CRATE_NAME"), "nomad_driver_microvm"];
 
 /// Keys that only this module writes. Fields with these names get a `_` prefix.
-const RESERVED_KEYS: &[&str] = &[
-    "@level",
-    "@message",
-    "@timestamp",
-    "@module",
-    "@truncated",
-    "@dropped_fields",
-];
+const RESERVED_KEYS: &[&str] = &["@level", "@message", "@timestamp", "@module", "@truncated", "@dropped_fields"];
 
 /// On an oversized line, string fields longer than this (in escaped JSON
 /// bytes) are cut to this length first.
@@ -100,10 +93,7 @@ pub fn timestamp(t: SystemTime) -> String {
     const MAX_SECS: i64 = 253_402_300_799;
 
     let (secs, micros) = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (
-            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-            d.subsec_micros(),
-        ),
+        Ok(d) => (i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_micros()),
         Err(e) => {
             // `t` is before the epoch: floor to whole seconds, keep the
             // fraction positive.
@@ -126,12 +116,7 @@ pub fn timestamp(t: SystemTime) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60,
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, sod % 3600 / 60, sod % 60,)
 }
 
 /// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian
@@ -153,12 +138,7 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 /// [`DEFAULT_MODULE`]. This is what the event formatter produces for an event
 /// with this level, message and fields; fields named like an `@` key are
 /// renamed, and the line is capped at [`MAX_LINE_BYTES`].
-pub fn format_line(
-    level: Level,
-    message: &str,
-    fields: &[(&str, Value)],
-    now: SystemTime,
-) -> String {
+pub fn format_line(level: Level, message: &str, fields: &[(&str, Value)], now: SystemTime) -> String {
     let mut line = Line::new(level, DEFAULT_MODULE.to_owned());
     line.message = message.to_owned();
     for (key, value) in fields {
@@ -181,14 +161,7 @@ struct Line {
 
 impl Line {
     fn new(level: Level, module: String) -> Self {
-        Line {
-            level,
-            message: String::new(),
-            module,
-            fields: Vec::new(),
-            truncated: false,
-            dropped_fields: 0,
-        }
+        Line { level, message: String::new(), module, fields: Vec::new(), truncated: false, dropped_fields: 0 }
     }
 
     fn push_field(&mut self, key: &str, value: Value) {
@@ -243,8 +216,7 @@ impl Line {
         }
         buf.push(b'}');
         // serde_json only writes valid UTF-8; the fallback is unreachable.
-        String::from_utf8(buf)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     /// Makes the line fit: caps large string fields, drops the largest fields
@@ -268,12 +240,8 @@ impl Line {
         let mut rest = self.serialize(ts).len() + 64;
         if rest > limit / 2 {
             // `,"key":value` per field, largest first.
-            let mut sizes: Vec<(usize, usize)> = self
-                .fields
-                .iter()
-                .enumerate()
-                .map(|(i, (k, v))| (escaped_len(k) + json_len(v) + 2, i))
-                .collect();
+            let mut sizes: Vec<(usize, usize)> =
+                self.fields.iter().enumerate().map(|(i, (k, v))| (escaped_len(k) + json_len(v) + 2, i)).collect();
             sizes.sort_unstable_by(|a, b| b.cmp(a));
             let mut drop = vec![false; self.fields.len()];
             for (size, i) in sizes {
@@ -291,11 +259,7 @@ impl Line {
             });
         }
         let budget = limit.saturating_sub(rest);
-        self.message = if escaped_len(&message) > budget {
-            truncate_marked(&message, budget)
-        } else {
-            message
-        };
+        self.message = if escaped_len(&message) > budget { truncate_marked(&message, budget) } else { message };
     }
 }
 
@@ -380,9 +344,7 @@ impl Default for HclogFormat {
 impl HclogFormat {
     /// A formatter whose `@module` values start with `module_root`.
     pub fn new(module_root: impl Into<String>) -> Self {
-        HclogFormat {
-            module_root: module_root.into(),
-        }
+        HclogFormat { module_root: module_root.into() }
     }
 
     /// The `@module` value for a `tracing` target.
@@ -391,11 +353,7 @@ impl HclogFormat {
             .iter()
             .find_map(|krate| {
                 let rest = target.strip_prefix(krate)?;
-                if rest.is_empty() {
-                    Some("")
-                } else {
-                    rest.strip_prefix("::")
-                }
+                if rest.is_empty() { Some("") } else { rest.strip_prefix("::") }
             })
             .unwrap_or(target);
         if tail.is_empty() {
@@ -454,11 +412,7 @@ where
 pub struct HclogFields;
 
 impl<'writer> FormatFields<'writer> for HclogFields {
-    fn format_fields<R: RecordFields>(
-        &self,
-        mut writer: Writer<'writer>,
-        fields: R,
-    ) -> fmt::Result {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'writer>, fields: R) -> fmt::Result {
         let mut collector = Collector::new(false, false);
         fields.record(&mut collector);
         writer.write_str(&encode_span_fields(&collector.fields))
@@ -504,13 +458,7 @@ struct Collector {
 
 impl Collector {
     fn new(is_event: bool, from_log: bool) -> Self {
-        Collector {
-            is_event,
-            from_log,
-            message: None,
-            log_target: None,
-            fields: Vec::new(),
-        }
+        Collector { is_event, from_log, message: None, log_target: None, fields: Vec::new() }
     }
 
     fn record(&mut self, field: &Field, value: Value) {
@@ -540,8 +488,7 @@ impl Collector {
 
 impl Visit for Collector {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        let value = serde_json::Number::from_f64(value)
-            .map_or_else(|| Value::String(value.to_string()), Value::Number);
+        let value = serde_json::Number::from_f64(value).map_or_else(|| Value::String(value.to_string()), Value::Number);
         self.record(field, value);
     }
 
@@ -554,14 +501,12 @@ impl Visit for Collector {
     }
 
     fn record_i128(&mut self, field: &Field, value: i128) {
-        let value =
-            i64::try_from(value).map_or_else(|_| Value::String(value.to_string()), Value::from);
+        let value = i64::try_from(value).map_or_else(|_| Value::String(value.to_string()), Value::from);
         self.record(field, value);
     }
 
     fn record_u128(&mut self, field: &Field, value: u128) {
-        let value =
-            u64::try_from(value).map_or_else(|_| Value::String(value.to_string()), Value::from);
+        let value = u64::try_from(value).map_or_else(|_| Value::String(value.to_string()), Value::from);
         self.record(field, value);
     }
 
@@ -644,13 +589,8 @@ fn build_filter(default_level: Level, spec: Option<&str>) -> (EnvFilter, Option<
             Err(e) => error = Some(e.to_string()),
         }
     }
-    let mut filter =
-        EnvFilter::default().add_directive(LevelFilter::from_level(default_level).into());
-    let noisy = if default_level > Level::INFO {
-        Level::INFO
-    } else {
-        default_level
-    };
+    let mut filter = EnvFilter::default().add_directive(LevelFilter::from_level(default_level).into());
+    let noisy = if default_level > Level::INFO { Level::INFO } else { default_level };
     for krate in NOISY_CRATES {
         if let Ok(directive) = format!("{krate}={}", level_str(noisy)).parse() {
             filter = filter.add_directive(directive);
@@ -665,10 +605,7 @@ fn build_filter(default_level: Level, spec: Option<&str>) -> (EnvFilter, Option<
 pub fn init(default_level: Level) {
     let spec = std::env::var(LOG_ENV).ok();
     let (filter, error) = build_filter(default_level, spec.as_deref());
-    let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(layer())
-        .try_init();
+    let _ = tracing_subscriber::registry().with(filter).with(layer()).try_init();
     install_panic_hook();
     if let Some(error) = error {
         tracing::warn!(
@@ -692,15 +629,8 @@ pub fn install_panic_hook() {
             let message = payload_str(info.payload());
             let thread = std::thread::current();
             let backtrace = Backtrace::capture();
-            let backtrace =
-                (backtrace.status() == BacktraceStatus::Captured).then(|| backtrace.to_string());
-            let line = panic_line(
-                message,
-                info.location(),
-                thread.name(),
-                backtrace.as_deref(),
-                SystemTime::now(),
-            );
+            let backtrace = (backtrace.status() == BacktraceStatus::Captured).then(|| backtrace.to_string());
+            let line = panic_line(message, info.location(), thread.name(), backtrace.as_deref(), SystemTime::now());
             let _ = StderrWriter.write_all(line.as_bytes());
             previous(info);
         }));
@@ -728,15 +658,9 @@ fn panic_line(
     let mut line = Line::new(Level::ERROR, format!("{DEFAULT_MODULE}.panic"));
     line.message = format!("panic: {message}");
     if let Some(loc) = location {
-        line.push_field(
-            "location",
-            Value::String(format!("{}:{}:{}", loc.file(), loc.line(), loc.column())),
-        );
+        line.push_field("location", Value::String(format!("{}:{}:{}", loc.file(), loc.line(), loc.column())));
     }
-    line.push_field(
-        "thread",
-        Value::String(thread.unwrap_or("<unnamed>").to_owned()),
-    );
+    line.push_field("thread", Value::String(thread.unwrap_or("<unnamed>").to_owned()));
     if let Some(backtrace) = backtrace {
         line.push_field("backtrace", Value::String(backtrace.to_owned()));
     }
@@ -798,30 +722,18 @@ mod tests {
         let cases = [
             (at(0, 0), "1970-01-01T00:00:00.000000Z"),
             (at(951_782_400, 500_000_000), "2000-02-29T00:00:00.500000Z"),
-            (
-                at(1_795_321_020, 123_456_000),
-                "2026-11-22T04:17:00.123456Z",
-            ),
+            (at(1_795_321_020, 123_456_000), "2026-11-22T04:17:00.123456Z"),
             // Sub-microsecond parts are truncated, never rounded up.
             (at(1_795_321_020, 999), "2026-11-22T04:17:00.000000Z"),
-            (
-                at(1_795_321_020, 999_999_999),
-                "2026-11-22T04:17:00.999999Z",
-            ),
+            (at(1_795_321_020, 999_999_999), "2026-11-22T04:17:00.999999Z"),
             // Leap years: 2024-02-29, 1972-02-29, end of a leap year.
             (at(1_709_164_800, 0), "2024-02-29T00:00:00.000000Z"),
             (at(68_169_600, 1_000), "1972-02-29T00:00:00.000001Z"),
             (at(1_735_689_599, 0), "2024-12-31T23:59:59.000000Z"),
             // 2100 is not a leap year.
             (at(4_107_542_400, 0), "2100-03-01T00:00:00.000000Z"),
-            (
-                UNIX_EPOCH - Duration::from_secs(1),
-                "1969-12-31T23:59:59.000000Z",
-            ),
-            (
-                UNIX_EPOCH - Duration::from_millis(500),
-                "1969-12-31T23:59:59.500000Z",
-            ),
+            (UNIX_EPOCH - Duration::from_secs(1), "1969-12-31T23:59:59.000000Z"),
+            (UNIX_EPOCH - Duration::from_millis(500), "1969-12-31T23:59:59.500000Z"),
         ];
         for (t, want) in cases {
             let got = timestamp(t);
@@ -834,10 +746,7 @@ mod tests {
     fn timestamp_always_matches_layout() {
         assert!(matches_go_layout(&timestamp(SystemTime::now())));
         assert!(matches_go_layout(&timestamp(at(u64::MAX / 2, 0))));
-        assert!(matches_go_layout(&timestamp(at(
-            253_402_300_799,
-            999_999_999
-        ))));
+        assert!(matches_go_layout(&timestamp(at(253_402_300_799, 999_999_999))));
         // Every day of a leap year and the following year, at varied microseconds.
         for day in 0..731u64 {
             let t = at(1_704_067_200 + day * 86_400 + day * 7, (day as u32) * 1_000);
@@ -879,12 +788,7 @@ mod tests {
         let line = format_line(
             Level::WARN,
             "disk \"full\"\nsecond line",
-            &[
-                ("pid", json!(42)),
-                ("ok", json!(true)),
-                ("ratio", json!(0.5)),
-                ("name", json!("vm")),
-            ],
+            &[("pid", json!(42)), ("ok", json!(true)), ("ratio", json!(0.5)), ("name", json!("vm"))],
             at(1_795_321_020, 123_456_789),
         );
         let v = parse(&line);
@@ -929,18 +833,9 @@ mod tests {
     fn oversized_lines_are_truncated() {
         // Huge message.
         let msg = "x".repeat(200 * 1024);
-        let v = parse(&format_line(
-            Level::INFO,
-            &msg,
-            &[("k", json!(1))],
-            at(0, 0),
-        ));
+        let v = parse(&format_line(Level::INFO, &msg, &[("k", json!(1))], at(0, 0)));
         let m = v["@message"].as_str().unwrap();
-        assert!(
-            m.starts_with("xxxx") && m.ends_with("...[truncated, 204800 bytes]"),
-            "{}",
-            &m[m.len() - 40..]
-        );
+        assert!(m.starts_with("xxxx") && m.ends_with("...[truncated, 204800 bytes]"), "{}", &m[m.len() - 40..]);
         assert!(m.len() > 50 * 1024, "message kept mostly: {}", m.len());
         assert_eq!(v["@truncated"], json!(true));
         assert_eq!(v["k"], json!(1));
@@ -959,57 +854,32 @@ mod tests {
         let big = json!("y".repeat(10 * 1024));
         let names: Vec<String> = (0..200).map(|i| format!("f{i}")).collect();
         let fields: Vec<(&str, Value)> = names.iter().map(|n| (n.as_str(), big.clone())).collect();
-        let v = parse(&format_line(
-            Level::ERROR,
-            &"z".repeat(100 * 1024),
-            &fields,
-            at(0, 0),
-        ));
+        let v = parse(&format_line(Level::ERROR, &"z".repeat(100 * 1024), &fields, at(0, 0)));
         assert_eq!(v["@truncated"], json!(true));
         assert!(v["@dropped_fields"].as_u64().unwrap() > 0);
         assert!(v["@message"].as_str().unwrap().len() > 20 * 1024);
-        assert!(
-            v["f0"]
-                .as_str()
-                .unwrap()
-                .ends_with("...[truncated, 10240 bytes]")
-        );
+        assert!(v["f0"].as_str().unwrap().ends_with("...[truncated, 10240 bytes]"));
     }
 
     #[test]
     fn module_names() {
         let f = HclogFormat::default();
         assert_eq!(f.module_for(env!("CARGO_CRATE_NAME")), "microvm");
-        assert_eq!(
-            f.module_for(&format!("{}::net::tap", env!("CARGO_CRATE_NAME"))),
-            "microvm.net.tap"
-        );
+        assert_eq!(f.module_for(&format!("{}::net::tap", env!("CARGO_CRATE_NAME"))), "microvm.net.tap");
         assert_eq!(f.module_for("nomad_driver_microvm"), "microvm");
         assert_eq!(f.module_for("h2::codec"), "microvm.h2.codec");
         assert_eq!(f.module_for("console"), "microvm.console");
-        assert_eq!(
-            HclogFormat::new("x").module_for("microvm_driverx::a"),
-            "x.microvm_driverx.a"
-        );
+        assert_eq!(HclogFormat::new("x").module_for("microvm_driverx::a"), "x.microvm_driverx.a");
     }
 
     #[test]
     fn panic_line_format() {
         let loc = Location::caller();
-        let v = parse(&panic_line(
-            "boom\nline 2",
-            Some(loc),
-            Some("main"),
-            Some("0: frame\n1: frame"),
-            at(0, 0),
-        ));
+        let v = parse(&panic_line("boom\nline 2", Some(loc), Some("main"), Some("0: frame\n1: frame"), at(0, 0)));
         assert_eq!(v["@level"], "error");
         assert_eq!(v["@message"], "panic: boom\nline 2");
         assert_eq!(v["@module"], "microvm.panic");
-        assert_eq!(
-            v["location"],
-            json!(format!("{}:{}:{}", loc.file(), loc.line(), loc.column()))
-        );
+        assert_eq!(v["location"], json!(format!("{}:{}:{}", loc.file(), loc.line(), loc.column())));
         assert_eq!(v["thread"], "main");
         assert_eq!(v["backtrace"], "0: frame\n1: frame");
         assert_eq!(payload_str(&"static"), "static");
@@ -1067,10 +937,7 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(layer);
         with_default(subscriber, f);
         let writes = cap.0.lock().unwrap().clone();
-        writes
-            .iter()
-            .map(|w| parse(std::str::from_utf8(w).unwrap()))
-            .collect()
+        writes.iter().map(|w| parse(std::str::from_utf8(w).unwrap())).collect()
     }
 
     #[derive(Debug)]
@@ -1097,8 +964,7 @@ mod tests {
     #[test]
     fn events_through_a_subscriber() {
         let lines = capture(|| {
-            let outer =
-                tracing::info_span!("task", task_id = "t-1", attempt = 2u32, shadow = "span");
+            let outer = tracing::info_span!("task", task_id = "t-1", attempt = 2u32, shadow = "span");
             let _o = outer.enter();
             let inner = tracing::debug_span!("vm", cpus = 4, late = tracing::field::Empty);
             inner.record("late", true);
@@ -1116,13 +982,7 @@ mod tests {
                 shadow = "event",
                 "VM \"started\"\nnext line"
             );
-            tracing::error!(
-                "@level" = 5,
-                level = "debug",
-                "@message" = "m2",
-                "@timestamp" = 1,
-                "collide"
-            );
+            tracing::error!("@level" = 5, level = "debug", "@message" = "m2", "@timestamp" = 1, "collide");
             tracing::trace!("t");
             tracing::debug!("d");
             tracing::warn!("w");
@@ -1132,14 +992,7 @@ mod tests {
         let v = &lines[0];
         assert_eq!(v["@level"], "info");
         assert_eq!(v["@message"], "VM \"started\"\nnext line");
-        assert!(
-            v["@module"]
-                .as_str()
-                .unwrap()
-                .starts_with("microvm.plugin.hclog"),
-            "{}",
-            v["@module"]
-        );
+        assert!(v["@module"].as_str().unwrap().starts_with("microvm.plugin.hclog"), "{}", v["@module"]);
         assert_eq!(v["task_id"], json!("t-1"));
         assert_eq!(v["attempt"], json!(2));
         assert_eq!(v["cpus"], json!(4));
@@ -1153,11 +1006,7 @@ mod tests {
         assert_eq!(v["path"], json!("/tmp/x"));
         assert_eq!(v["dbg"], json!("[1, 2]"));
         assert_eq!(v["err"], json!("outer: inner"));
-        assert_eq!(
-            v["shadow"],
-            json!("event"),
-            "event fields win over span fields"
-        );
+        assert_eq!(v["shadow"], json!("event"), "event fields win over span fields");
         assert!(!v.contains_key("message"));
 
         let v = &lines[1];
@@ -1168,10 +1017,7 @@ mod tests {
         assert_eq!(v["_@timestamp"], json!(1));
         assert_eq!(v["level"], json!("debug"));
 
-        let levels: Vec<&str> = lines[2..]
-            .iter()
-            .map(|v| v["@level"].as_str().unwrap())
-            .collect();
+        let levels: Vec<&str> = lines[2..].iter().map(|v| v["@level"].as_str().unwrap()).collect();
         assert_eq!(levels, ["trace", "debug", "warn"]);
     }
 
@@ -1187,12 +1033,7 @@ mod tests {
         assert_eq!(lines.len(), 1);
         let v = &lines[0];
         assert_eq!(v["@truncated"], json!(true));
-        assert!(
-            v["@message"]
-                .as_str()
-                .unwrap()
-                .ends_with("...[truncated, 204800 bytes]")
-        );
+        assert!(v["@message"].as_str().unwrap().ends_with("...[truncated, 204800 bytes]"));
         assert!(v["blob"].as_str().unwrap().len() <= FIELD_CAP);
         assert!(v["other"].as_str().unwrap().len() <= FIELD_CAP);
     }

@@ -43,19 +43,14 @@ pub async fn serve(mut routes: RoutesBuilder, shutdown: ShutdownSignal) -> Resul
     let unique = u64::from(std::process::id()) * 1_000_000 + u64::from(rand_suffix());
     let path = handshake::socket_path(env, unique);
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(|source| ServeError::Listen {
-        path: path.clone(),
-        source,
-    })?;
+    let listener = UnixListener::bind(&path).map_err(|source| ServeError::Listen { path: path.clone(), source })?;
     if let Some(group) = env("PLUGIN_UNIX_SOCKET_GROUP") {
         restrict_to_group(&path, &group);
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     // go-plugin's Ping checks the service named "plugin".
-    health
-        .set_service_status("plugin", tonic_health::ServingStatus::Serving)
-        .await;
+    health.set_service_status("plugin", tonic_health::ServingStatus::Serving).await;
     routes
         .add_service(health_service)
         .add_service(GrpcControllerServer::new(Controller { shutdown: shutdown.clone() }))
@@ -63,14 +58,14 @@ pub async fn serve(mut routes: RoutesBuilder, shutdown: ShutdownSignal) -> Resul
         .add_service(GrpcBrokerServer::new(Broker { shutdown: shutdown.clone() }));
 
     let stop = shutdown.clone();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+    let server =
+        tokio::spawn(tonic::transport::Server::builder().add_routes(routes.routes()).serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            async move {
                 stop.wait().await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
-            }),
-    );
+            },
+        ));
 
     // The listener is accepting (bound before spawning), so the client may dial
     // as soon as it reads this line.
@@ -93,10 +88,7 @@ fn announce(path: &Path) -> std::io::Result<()> {
 
 fn rand_suffix() -> u32 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() % 1_000_000)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos() % 1_000_000).unwrap_or(0)
 }
 
 /// go-plugin's PLUGIN_UNIX_SOCKET_GROUP: the socket becomes group-owned, 0660.

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use microvm_proto::base::{
-    ConfigSchemaRequest, ConfigSchemaResponse, PluginInfoRequest, PluginInfoResponse, PluginType,
-    SetConfigRequest, SetConfigResponse, base_plugin_server::BasePlugin,
+    ConfigSchemaRequest, ConfigSchemaResponse, PluginInfoRequest, PluginInfoResponse, PluginType, SetConfigRequest,
+    SetConfigResponse, base_plugin_server::BasePlugin,
 };
 use tonic::{Request, Response, Status};
 
@@ -20,10 +20,7 @@ pub struct Base {
 
 #[tonic::async_trait]
 impl BasePlugin for Base {
-    async fn plugin_info(
-        &self,
-        _: Request<PluginInfoRequest>,
-    ) -> Result<Response<PluginInfoResponse>, Status> {
+    async fn plugin_info(&self, _: Request<PluginInfoRequest>) -> Result<Response<PluginInfoResponse>, Status> {
         Ok(Response::new(PluginInfoResponse {
             r#type: PluginType::Driver as i32,
             plugin_api_versions: vec![PLUGIN_API_VERSION.to_string()],
@@ -32,17 +29,11 @@ impl BasePlugin for Base {
         }))
     }
 
-    async fn config_schema(
-        &self,
-        _: Request<ConfigSchemaRequest>,
-    ) -> Result<Response<ConfigSchemaResponse>, Status> {
+    async fn config_schema(&self, _: Request<ConfigSchemaRequest>) -> Result<Response<ConfigSchemaResponse>, Status> {
         Ok(Response::new(ConfigSchemaResponse { spec: Some(config::plugin_schema()) }))
     }
 
-    async fn set_config(
-        &self,
-        request: Request<SetConfigRequest>,
-    ) -> Result<Response<SetConfigResponse>, Status> {
+    async fn set_config(&self, request: Request<SetConfigRequest>) -> Result<Response<SetConfigResponse>, Status> {
         let request = request.into_inner();
         let config = config::decode_plugin_config(&request.msgpack_config).map_err(|e| {
             tracing::error!(error = %e, "invalid plugin config");

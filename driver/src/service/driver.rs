@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::Stream;
 use microvm_proto::drivers::{
-    self as pb, driver_capabilities::FsIsolation, driver_capabilities::MountConfigs,
-    driver_server::Driver, network_isolation_spec::NetworkIsolationMode,
+    self as pb, driver_capabilities::FsIsolation, driver_capabilities::MountConfigs, driver_server::Driver,
+    network_isolation_spec::NetworkIsolationMode,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -133,10 +133,7 @@ impl Driver for DriverService {
         }))
     }
 
-    async fn wait_task(
-        &self,
-        request: Request<pb::WaitTaskRequest>,
-    ) -> Result<Response<pb::WaitTaskResponse>, Status> {
+    async fn wait_task(&self, request: Request<pb::WaitTaskRequest>) -> Result<Response<pb::WaitTaskResponse>, Status> {
         let id = request.into_inner().task_id;
         // An unknown task still gets a result: clients before 2.0 dereference it.
         let response = match self.plugin.tasks.wait(&id).await {
@@ -149,10 +146,7 @@ impl Driver for DriverService {
         Ok(Response::new(response))
     }
 
-    async fn stop_task(
-        &self,
-        request: Request<pb::StopTaskRequest>,
-    ) -> Result<Response<pb::StopTaskResponse>, Status> {
+    async fn stop_task(&self, request: Request<pb::StopTaskRequest>) -> Result<Response<pb::StopTaskResponse>, Status> {
         let r = request.into_inner();
         let timeout = r.timeout.and_then(|d| Duration::try_from(d).ok()).unwrap_or_default();
         self.plugin.tasks.stop(&r.task_id, timeout, &r.signal).await?;
@@ -210,8 +204,7 @@ impl Driver for DriverService {
             let mhz = stats::core_mhz();
             let mut rates: HashMap<i32, stats::CpuRate> = HashMap::new();
             let mut total_rate = stats::CpuRate::new();
-            loop {
-                let Ok(pids) = tasks.usage_pids(&id) else { break };
+            while let Ok(pids) = tasks.usage_pids(&id) {
                 let now = Instant::now();
                 let (total, per) = stats::sample(&pids);
                 let agg = usage(&total, total_rate.update(now, &total), mhz);
@@ -241,10 +234,7 @@ impl Driver for DriverService {
 
     type TaskEventsStream = BoxStream<pb::DriverTaskEvent>;
 
-    async fn task_events(
-        &self,
-        _: Request<pb::TaskEventsRequest>,
-    ) -> Result<Response<Self::TaskEventsStream>, Status> {
+    async fn task_events(&self, _: Request<pb::TaskEventsRequest>) -> Result<Response<Self::TaskEventsStream>, Status> {
         let mut events = self.plugin.tasks.subscribe();
         let (tx, rx) = mpsc::channel(64);
         let shutdown = self.plugin.shutdown.clone();
@@ -287,10 +277,7 @@ impl Driver for DriverService {
         Ok(Response::new(pb::SignalTaskResponse {}))
     }
 
-    async fn exec_task(
-        &self,
-        _: Request<pb::ExecTaskRequest>,
-    ) -> Result<Response<pb::ExecTaskResponse>, Status> {
+    async fn exec_task(&self, _: Request<pb::ExecTaskRequest>) -> Result<Response<pb::ExecTaskResponse>, Status> {
         Err(Status::unimplemented("exec into a microVM is not supported yet"))
     }
 

@@ -43,12 +43,10 @@ pub fn routes(plugin: Arc<Plugin>) -> tonic::service::RoutesBuilder {
     use microvm_proto::base::base_plugin_server::BasePluginServer;
     use microvm_proto::drivers::driver_server::DriverServer;
     let mut routes = tonic::service::RoutesBuilder::default();
-    routes
-        .add_service(BasePluginServer::new(base::Base { plugin: plugin.clone() }))
-        .add_service(
-            DriverServer::new(driver::DriverService { plugin })
-                // Nomad sends a task's whole environment in StartTask.
-                .max_decoding_message_size(64 * 1024 * 1024),
-        );
+    routes.add_service(BasePluginServer::new(base::Base { plugin: plugin.clone() })).add_service(
+        DriverServer::new(driver::DriverService { plugin })
+            // Nomad sends a task's whole environment in StartTask.
+            .max_decoding_message_size(64 * 1024 * 1024),
+    );
     routes
 }

@@ -22,8 +22,7 @@ struct RpcStatus {
     details: Vec<prost_types::Any>,
 }
 
-const RECOVERABLE_ERROR_TYPE: &str =
-    "type.googleapis.com/hashicorp.nomad.plugins.shared.structs.RecoverableError";
+const RECOVERABLE_ERROR_TYPE: &str = "type.googleapis.com/hashicorp.nomad.plugins.shared.structs.RecoverableError";
 
 /// A `FailedPrecondition` Nomad reads as recoverable (restart per the job's
 /// restart policy) or not (the task fails at once).
@@ -33,11 +32,7 @@ pub fn failed_precondition(message: String, recoverable: bool) -> Status {
         value: RecoverableError { recoverable }.encode_to_vec(),
     };
     // grpc-go rejects details whose code differs from the status code.
-    let details = RpcStatus {
-        code: Code::FailedPrecondition as i32,
-        message: message.clone(),
-        details: vec![detail],
-    };
+    let details = RpcStatus { code: Code::FailedPrecondition as i32, message: message.clone(), details: vec![detail] };
     Status::with_details(Code::FailedPrecondition, message, details.encode_to_vec().into())
 }
 

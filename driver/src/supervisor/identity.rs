@@ -78,11 +78,8 @@ fn raise_limit(resource: libc::__rlimit_resource_t, want: libc::rlim_t) {
 pub fn virtiofsd_nofile() -> u64 {
     let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct we own.
-    let hard = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) } == 0 {
-        current.rlim_max
-    } else {
-        VMM_NOFILE
-    };
+    let hard =
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) } == 0 { current.rlim_max } else { VMM_NOFILE };
     let can_raise = nix::unistd::geteuid().is_root() && has_sys_resource();
     if can_raise { VMM_NOFILE } else { VMM_NOFILE.min(hard) }
 }

@@ -31,13 +31,7 @@ impl LogSink {
             // nobody reads the FIFO.
             pipe::OpenOptions::new().open_sender(&self.path).ok().map(Writer::Fifo)
         } else {
-            tokio::fs::OpenOptions::new()
-                .append(true)
-                .create(false)
-                .open(&self.path)
-                .await
-                .ok()
-                .map(Writer::File)
+            tokio::fs::OpenOptions::new().append(true).create(false).open(&self.path).await.ok().map(Writer::File)
         }
     }
 

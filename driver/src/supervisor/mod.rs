@@ -94,10 +94,7 @@ pub(crate) fn send_ready(fd: OwnedFd, ready: &Ready) {
 fn detach(spec: &LaunchSpec) {
     let _ = nix::unistd::setsid();
     let devnull = std::fs::File::open("/dev/null");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(spec.task_dir.join(protocol::LOG_FILE));
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(spec.task_dir.join(protocol::LOG_FILE));
     if let Ok(null) = &devnull {
         let _ = nix::unistd::dup2_stdin(null);
     }
@@ -115,9 +112,5 @@ fn detach(spec: &LaunchSpec) {
         let _ = nix::sys::signal::signal(nix::sys::signal::Signal::SIGHUP, nix::sys::signal::SigHandler::SigIgn);
         let _ = nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn);
     }
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_target(false).try_init();
 }

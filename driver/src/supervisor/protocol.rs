@@ -102,7 +102,9 @@ pub enum Request {
         timeout: Duration,
     },
     /// Deliver a signal: INT/TERM mean a graceful guest shutdown.
-    Signal { signal: i32 },
+    Signal {
+        signal: i32,
+    },
     Status,
 }
 
@@ -116,10 +118,7 @@ pub struct Reply {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Writes `value` as JSON to `dir/name` atomically (temp file + rename), so a
@@ -170,14 +169,7 @@ mod tests {
     #[test]
     fn atomic_write_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let rec = ExitRecord {
-            exit_code: 0,
-            signal: 0,
-            oom_killed: false,
-            requested: true,
-            reason: None,
-            at_ms: 1,
-        };
+        let rec = ExitRecord { exit_code: 0, signal: 0, oom_killed: false, requested: true, reason: None, at_ms: 1 };
         write_atomic(dir.path(), EXIT_FILE, &rec).unwrap();
         let back: ExitRecord = read_json(&dir.path().join(EXIT_FILE)).unwrap();
         assert_eq!(back, rec);

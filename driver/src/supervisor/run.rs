@@ -100,10 +100,7 @@ impl Shared {
         }
         let done = self.wait_exit(timeout).await;
         if !done && escalate {
-            self.events.emit(format!(
-                "graceful shutdown timed out after {}s, killing",
-                timeout.as_secs_f64()
-            ));
+            self.events.emit(format!("graceful shutdown timed out after {}s, killing", timeout.as_secs_f64()));
             self.vmm.signal_group(Signal::SIGTERM);
             if !self.wait_exit(TERM_GRACE).await {
                 self.vmm.signal_group(Signal::SIGKILL);
@@ -215,11 +212,8 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
     }
     drop(share_tx);
 
-    let pids = Pids {
-        supervisor: ProcessId::of(std::process::id() as i32),
-        vmm: Some(vmm_id),
-        virtiofsd: share_ids.clone(),
-    };
+    let pids =
+        Pids { supervisor: ProcessId::of(std::process::id() as i32), vmm: Some(vmm_id), virtiofsd: share_ids.clone() };
     let _ = protocol::write_atomic(&spec.task_dir, protocol::PIDS_FILE, &pids);
     send_ready(ready, &Ready::Started { pids });
     events.emit(format!("VM started (microvm-run pid {})", vmm_id.pid));

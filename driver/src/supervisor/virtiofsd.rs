@@ -93,10 +93,7 @@ fn start_one(
     };
     let log = std::fs::File::create(log_path(log_dir, &tag)).map_err(spawn_err)?;
     let log2 = log.try_clone().map_err(spawn_err)?;
-    let (program, args) = launch
-        .argv
-        .split_first()
-        .ok_or_else(|| spawn_err(std::io::Error::other("empty command")))?;
+    let (program, args) = launch.argv.split_first().ok_or_else(|| spawn_err(std::io::Error::other("empty command")))?;
     let child = Command::new(program)
         .args(args)
         .current_dir(work_dir)
@@ -125,7 +122,8 @@ async fn wait_socket(
         }
         if let Ok(Some(status)) = r.child.try_wait() {
             let log = std::fs::read_to_string(log_path(log_dir, &launch.tag)).unwrap_or_default();
-            let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
+            let tail: String =
+                log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
             return Err(VirtiofsdError::Exited { tag: launch.tag.clone(), status: status.to_string(), log: tail });
         }
         if Instant::now() >= deadline {

@@ -101,7 +101,8 @@ mod tests {
         assert!(err.to_string().starts_with("tap tap0 is in use by another task"), "{err}");
         // once `a` is dead, `b` takes over the stale claim
         let dead = ProcessId { start_time: me.start_time + 1, ..me };
-        protocol::write_atomic(&a, protocol::PIDS_FILE, &Pids { supervisor: Some(dead), ..Default::default() }).unwrap();
+        protocol::write_atomic(&a, protocol::PIDS_FILE, &Pids { supervisor: Some(dead), ..Default::default() })
+            .unwrap();
         claim(state.path(), "if-tap0", "tap tap0", &b).unwrap();
         release(state.path(), "if-tap0", &a); // not a's anymore: no effect
         assert!(claims_dir(state.path()).join("if-tap0").exists());

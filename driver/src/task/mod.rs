@@ -50,7 +50,9 @@ pub enum TaskError {
     Store(#[from] StoreError),
     #[error("refused by `{rule}`: {detail}")]
     Refused { rule: &'static str, detail: String },
-    #[error("socket path {path} is {len} bytes, over the 107-byte limit of unix sockets: use a shorter state_dir or socket name")]
+    #[error(
+        "socket path {path} is {len} bytes, over the 107-byte limit of unix sockets: use a shorter state_dir or socket name"
+    )]
     SocketTooLong { path: PathBuf, len: usize },
     #[error(transparent)]
     Claim(#[from] ClaimError),
@@ -86,17 +88,17 @@ impl TaskError {
     /// Whether Nomad should apply the job's restart policy (true) or fail
     /// the task at once (false): config and policy problems do not heal.
     pub fn recoverable(&self) -> bool {
-        match self {
+        !matches!(
+            self,
             TaskError::Config(_)
-            | TaskError::Runner { .. }
-            | TaskError::Refused { .. }
-            | TaskError::SocketTooLong { .. }
-            | TaskError::Identity(_)
-            | TaskError::NotImplemented(_)
-            | TaskError::State { .. } => false,
-            TaskError::Store(StoreError::NoSubstituters { .. }) => false,
-            _ => true,
-        }
+                | TaskError::Runner { .. }
+                | TaskError::Refused { .. }
+                | TaskError::SocketTooLong { .. }
+                | TaskError::Identity(_)
+                | TaskError::NotImplemented(_)
+                | TaskError::State { .. }
+                | TaskError::Store(StoreError::NoSubstituters { .. })
+        )
     }
 
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TaskError {
@@ -319,12 +321,7 @@ impl Tasks {
     pub async fn wait(&self, id: &str) -> Result<ExitResult, TaskError> {
         let tracked = self.get(id).ok_or_else(|| TaskError::NotFound(id.to_string()))?;
         let mut rx = tracked.exit.clone();
-        let result = rx
-            .wait_for(|r| r.is_some())
-            .await
-            .map(|r| r.as_ref().map(|(e, _)| e.clone()))
-            .ok()
-            .flatten();
+        let result = rx.wait_for(|r| r.is_some()).await.map(|r| r.as_ref().map(|(e, _)| e.clone())).ok().flatten();
         result.ok_or_else(|| TaskError::NotFound(id.to_string()))
     }
 

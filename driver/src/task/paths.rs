@@ -50,22 +50,10 @@ impl TaskPaths {
         let alloc8 = sanitize(&task.alloc_id.chars().take(8).collect::<String>(), 8);
         let task_dir = state_dir.join("tasks").join(format!("{alloc8}-{id_part}"));
 
-        let index = task
-            .env
-            .get("NOMAD_ALLOC_INDEX")
-            .cloned()
-            .unwrap_or_else(|| task.alloc_id.clone());
-        let identity = format!(
-            "{}/{}/{}/{}/{}",
-            task.namespace, task.job_id, task.task_group_name, task.name, index
-        );
+        let index = task.env.get("NOMAD_ALLOC_INDEX").cloned().unwrap_or_else(|| task.alloc_id.clone());
+        let identity = format!("{}/{}/{}/{}/{}", task.namespace, task.job_id, task.task_group_name, task.name, index);
         let job = if task.job_id.is_empty() { &task.job_name } else { &task.job_id };
-        let slug = format!(
-            "{}-{}-{:08x}",
-            sanitize(job, 16),
-            sanitize(&task.name, 16),
-            fnv(&identity) as u32
-        );
+        let slug = format!("{}-{}-{:08x}", sanitize(job, 16), sanitize(&task.name, 16), fnv(&identity) as u32);
         let work_dir = state_dir.join("vms").join(&slug);
         TaskPaths { task_dir, work_dir, slug }
     }

@@ -145,7 +145,15 @@ async fn prepare(
         .iter()
         .map(|(share, flags)| VirtiofsdLaunch {
             tag: share.tag.clone(),
-            argv: virtiofs::argv(&config.virtiofsd, &share.socket, &share.source, &config.vmm_group, flags, threads, nofile),
+            argv: virtiofs::argv(
+                &config.virtiofsd,
+                &share.socket,
+                &share.source,
+                &config.vmm_group,
+                flags,
+                threads,
+                nofile,
+            ),
             socket: share.socket.clone(),
             source: share.source.clone(),
         })
@@ -166,7 +174,8 @@ async fn prepare(
         default_stop_timeout: config.default_stop_timeout,
         shutdown_script: runner.microvm_shutdown(),
     };
-    protocol::write_atomic(&paths.task_dir, protocol::SPEC_FILE, &spec).map_err(TaskError::io("write the launch spec"))?;
+    protocol::write_atomic(&paths.task_dir, protocol::SPEC_FILE, &spec)
+        .map_err(TaskError::io("write the launch spec"))?;
     let pids = spawn_supervisor(&tasks.self_exe, &paths.task_dir).await?;
 
     Ok(DriverState {
@@ -216,19 +225,15 @@ fn vmm_identity(config: &PluginConfig) -> Result<(u32, u32), TaskError> {
     use nix::unistd::{Group, User};
     let uid = match config.vmm_user.parse::<u32>() {
         Ok(uid) => uid,
-        Err(_) => User::from_name(&config.vmm_user)
-            .ok()
-            .flatten()
-            .map(|u| u.uid.as_raw())
-            .ok_or_else(|| TaskError::Identity(format!("VMM user {:?} does not exist on this node", config.vmm_user)))?,
+        Err(_) => User::from_name(&config.vmm_user).ok().flatten().map(|u| u.uid.as_raw()).ok_or_else(|| {
+            TaskError::Identity(format!("VMM user {:?} does not exist on this node", config.vmm_user))
+        })?,
     };
     let gid = match config.vmm_group.parse::<u32>() {
         Ok(gid) => gid,
-        Err(_) => Group::from_name(&config.vmm_group)
-            .ok()
-            .flatten()
-            .map(|g| g.gid.as_raw())
-            .ok_or_else(|| TaskError::Identity(format!("VMM group {:?} does not exist on this node", config.vmm_group)))?,
+        Err(_) => Group::from_name(&config.vmm_group).ok().flatten().map(|g| g.gid.as_raw()).ok_or_else(|| {
+            TaskError::Identity(format!("VMM group {:?} does not exist on this node", config.vmm_group))
+        })?,
     };
     if uid == 0 && !config.allow_root_vmm {
         return Err(TaskError::Refused {
@@ -241,13 +246,13 @@ fn vmm_identity(config: &PluginConfig) -> Result<(u32, u32), TaskError> {
 
 fn bridge_for(cfg: &TaskConfig, config: &PluginConfig, tasks: &Tasks) -> Result<Option<String>, TaskError> {
     let bridge = cfg.bridge.clone().or_else(|| config.default_bridge.clone());
-    if let Some(b) = &cfg.bridge {
-        if !config.bridge_allowed(b) {
-            return Err(TaskError::Refused {
-                rule: "allowed_bridges",
-                detail: format!("bridge {b:?} is not the default bridge nor in allowed_bridges"),
-            });
-        }
+    if let Some(b) = &cfg.bridge
+        && !config.bridge_allowed(b)
+    {
+        return Err(TaskError::Refused {
+            rule: "allowed_bridges",
+            detail: format!("bridge {b:?} is not the default bridge nor in allowed_bridges"),
+        });
     }
     if let Some(b) = &bridge {
         let is_bridge = tasks.net.is_bridge(b).map_err(|source| TaskError::Net { name: b.clone(), source })?;
@@ -259,10 +264,8 @@ fn bridge_for(cfg: &TaskConfig, config: &PluginConfig, tasks: &Tasks) -> Result<
 }
 
 fn check_sockets(runner: &Runner, paths: &TaskPaths) -> Result<(), TaskError> {
-    let mut sockets = vec![
-        paths.task_dir.join(protocol::CONTROL_SOCKET),
-        paths.work_dir.join(format!("{}.sock", runner.hostname)),
-    ];
+    let mut sockets =
+        vec![paths.task_dir.join(protocol::CONTROL_SOCKET), paths.work_dir.join(format!("{}.sock", runner.hostname))];
     sockets.extend(runner.shares.iter().map(|s| paths::in_work_dir(&paths.work_dir, &s.socket)));
     for s in sockets {
         paths::check_socket_len(&s).map_err(|len| TaskError::SocketTooLong { path: s.clone(), len })?;
@@ -328,11 +331,7 @@ fn plan_shares(
             flags.tag = Some(share.tag.clone());
         }
         planned.push((
-            PlannedShare {
-                tag: share.tag.clone(),
-                socket: paths::in_work_dir(&paths.work_dir, &share.socket),
-                source,
-            },
+            PlannedShare { tag: share.tag.clone(), socket: paths::in_work_dir(&paths.work_dir, &share.socket), source },
             flags,
         ));
     }

@@ -99,7 +99,8 @@ mod tests {
         let mut r = CpuRate::new();
         let t0 = Instant::now();
         assert_eq!(r.update(t0, &Usage { user_seconds: 1.0, system_seconds: 1.0, rss_bytes: 0 }), Rate::default());
-        let rate = r.update(t0 + Duration::from_secs(2), &Usage { user_seconds: 2.0, system_seconds: 1.5, rss_bytes: 0 });
+        let rate =
+            r.update(t0 + Duration::from_secs(2), &Usage { user_seconds: 2.0, system_seconds: 1.5, rss_bytes: 0 });
         assert!((rate.user_percent - 50.0).abs() < 1e-9);
         assert!((rate.system_percent - 25.0).abs() < 1e-9);
         assert!((rate.percent - 75.0).abs() < 1e-9);

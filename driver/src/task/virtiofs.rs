@@ -57,14 +57,8 @@ const PASSED_ON: &[&str] = &[
 ];
 
 /// Flags we always set ourselves.
-const OURS: &[&str] = &[
-    "--socket-path",
-    "--socket-group",
-    "--shared-dir",
-    "--thread-pool-size",
-    "--rlimit-nofile",
-    "--fd",
-];
+const OURS: &[&str] =
+    &["--socket-path", "--socket-group", "--shared-dir", "--thread-pool-size", "--rlimit-nofile", "--fd"];
 
 /// Reads the flags from a runner's per-share script (or a command line): the
 /// words after the virtiofsd binary on the line that runs it.
@@ -91,9 +85,22 @@ pub fn flags_from_script(text: &str) -> ShareFlags {
         };
         let takes_value = matches!(
             name,
-            "--cache" | "--inode-file-handles" | "--tag" | "--log-level" | "--socket-path"
-                | "--socket-group" | "--shared-dir" | "--thread-pool-size" | "--rlimit-nofile" | "--fd"
-                | "--sandbox" | "--seccomp" | "--translate-uid" | "--translate-gid" | "--uid-map" | "--gid-map"
+            "--cache"
+                | "--inode-file-handles"
+                | "--tag"
+                | "--log-level"
+                | "--socket-path"
+                | "--socket-group"
+                | "--shared-dir"
+                | "--thread-pool-size"
+                | "--rlimit-nofile"
+                | "--fd"
+                | "--sandbox"
+                | "--seccomp"
+                | "--translate-uid"
+                | "--translate-gid"
+                | "--uid-map"
+                | "--gid-map"
         );
         let value = if takes_value && inline.is_none() {
             i += 1;
@@ -184,13 +191,17 @@ mod tests {
         assert_eq!(f.cache, "always");
         assert_eq!(f.tag.as_deref(), Some("ro-store"));
         assert!(f.ignored.is_empty());
-        assert_eq!(flags_from_script("#!/bin/sh\necho nothing here\n"), ShareFlags { posix_acl: false, xattr: false, ..ShareFlags::default() });
+        assert_eq!(
+            flags_from_script("#!/bin/sh\necho nothing here\n"),
+            ShareFlags { posix_acl: false, xattr: false, ..ShareFlags::default() }
+        );
     }
 
     #[test]
     fn argv_uses_our_binary_and_source() {
         let f = flags_from_script(MICROVM_SCRIPT);
-        let a = argv(Path::new("/usr/bin/virtiofsd"), Path::new("/w/s.sock"), Path::new("/w/data"), "kvm", &f, 4, 1048576);
+        let a =
+            argv(Path::new("/usr/bin/virtiofsd"), Path::new("/w/s.sock"), Path::new("/w/data"), "kvm", &f, 4, 1048576);
         assert_eq!(a[0], "/usr/bin/virtiofsd");
         assert!(a.contains(&"--shared-dir=/w/data".to_string()), "the script's --shared-dir is not used");
         assert!(a.contains(&"--socket-path=/w/s.sock".to_string()));
