@@ -9,6 +9,7 @@ pub mod nomad;
 pub mod plugin;
 pub mod procs;
 pub mod runner;
+pub mod vm;
 pub mod wait;
 
 pub use bins::{driver_bin, nomad_bin, repo_root};

@@ -17,7 +17,7 @@ pub mod protocol;
 pub mod run;
 pub mod virtiofsd;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
@@ -32,7 +32,9 @@ pub fn main(spec_path: &Path) -> i32 {
             return 1;
         }
     };
-    let (read_end, write_end) = match nix::unistd::pipe() {
+    // CLOEXEC: the VMM and virtiofsd must not inherit the write end, or the
+    // relay would never see EOF if the supervisor died early.
+    let (read_end, write_end) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
         Err(e) => {
             report_to_stdout(&Ready::Failed { error: format!("pipe: {e}") });
@@ -68,10 +70,10 @@ pub fn main(spec_path: &Path) -> i32 {
 /// Parent side of the fork: pass the child's one line on, exit 0 if it
 /// started the VM.
 fn relay(read_end: OwnedFd) -> i32 {
-    let mut text = String::new();
-    let _ = std::fs::File::from(read_end).read_to_string(&mut text);
-    let line = text.lines().next().unwrap_or("");
-    let ready: Ready = serde_json::from_str(line).unwrap_or_else(|_| Ready::Failed {
+    use std::io::BufRead;
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(std::fs::File::from(read_end)).read_line(&mut line);
+    let ready: Ready = serde_json::from_str(line.trim()).unwrap_or_else(|_| Ready::Failed {
         error: "the supervisor exited before reporting (see supervisor.log in the task dir)".into(),
     });
     report_to_stdout(&ready);

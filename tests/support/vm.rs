@@ -1,0 +1,142 @@
+//! A test world for VMs: a network namespace with a bridge (192.0.2.1/24),
+//! a Nomad agent with our driver configured for it, and helpers to submit
+//! microVM jobs and look at what the guest did.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::runner::{make_runner, virtiofsd_bin};
+use crate::{Agent, AgentOpts, Netns, open_tempdir, wait_until};
+
+pub const BRIDGE: &str = "br0";
+pub const HOST_ADDR: &str = "192.0.2.1";
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub netns: Arc<Netns>,
+    pub agent: Agent,
+    pub state_dir: PathBuf,
+}
+
+/// Plugin config for tests: our state dir, the test bridge, the installed
+/// virtiofsd, and the extra lines given.
+pub fn plugin_config(state_dir: &Path, extra: &str) -> String {
+    format!(
+        "    state_dir = \"{}\"\n    default_bridge = \"{BRIDGE}\"\n    virtiofsd = \"{}\"\n    default_stop_timeout = \"20s\"\n{extra}",
+        state_dir.display(),
+        virtiofsd_bin().display()
+    )
+}
+
+impl World {
+    /// `dev`: a `-dev` agent; otherwise a persistent one that can restart.
+    pub fn new(tag: &str, dev: bool, extra_plugin_config: &str) -> World {
+        let dir = open_tempdir();
+        let netns = Arc::new(Netns::new(tag));
+        netns.add_bridge(BRIDGE, &format!("{HOST_ADDR}/24"));
+        let state_dir = dir.path().join("state");
+        let opts = AgentOpts {
+            dev,
+            plugin_config: Some(plugin_config(&state_dir, extra_plugin_config)),
+            extra_hcl: String::new(),
+        };
+        let agent = Agent::start(netns.clone(), &dir.path().join("agent"), opts);
+        World { dir, netns, agent, state_dir }
+    }
+
+    /// A bootable qemu runner in the Nix store with one tap on the bridge
+    /// and one virtiofs share `data` (relative: inside the VM's work dir).
+    pub fn runner(&self, host: &str, ip_suffix: u8, extra: &[&str]) -> PathBuf {
+        let out = self.dir.path().join("runners");
+        std::fs::create_dir_all(&out).expect("runners dir");
+        let tap = format!("vm-{host}");
+        let ip = format!("192.0.2.{ip_suffix}/24");
+        let mut args = vec![
+            "--hostname",
+            host,
+            "--tap",
+            &tap,
+            "--share",
+            "data:data",
+            "--guest-ip",
+            &ip,
+            "--ping",
+            HOST_ADDR,
+            "--store",
+        ];
+        args.extend_from_slice(extra);
+        make_runner(&out, &args)
+    }
+
+    /// Runs a one-VM service job; returns the submission's output.
+    pub fn run_vm_job(&self, job: &str, runner: &Path, restart_attempts: u32) -> std::process::Output {
+        self.agent.run_job(job, &vm_job(job, runner, restart_attempts, ""))
+    }
+
+    /// The VM work dir of a running task (from InspectTask-like state: the
+    /// only dir under vms/ whose name starts with the job name).
+    pub fn work_dir(&self, job: &str) -> PathBuf {
+        let vms = self.state_dir.join("vms");
+        let entries = std::fs::read_dir(&vms).expect("vms dir");
+        entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{job}-"))))
+            .unwrap_or_else(|| panic!("no work dir for job {job} under {}", vms.display()))
+    }
+
+    /// Waits until the task's console (alloc logs) contains `text`.
+    pub fn wait_console(&self, alloc: &str, text: &str, limit: Duration) -> String {
+        wait_until(&format!("console to show {text:?}"), limit, Duration::from_millis(500), || {
+            let logs = self.agent.alloc_logs(alloc, "vm", false);
+            if logs.contains(text) {
+                Ok(logs)
+            } else {
+                Err(logs.chars().rev().take(400).collect::<String>().chars().rev().collect())
+            }
+        })
+    }
+}
+
+/// A service job running one microVM task named "vm".
+pub fn vm_job(job: &str, runner: &Path, restart_attempts: u32, extra_config: &str) -> String {
+    format!(
+        r#"job "{job}" {{
+  datacenters = ["*"]
+  type = "service"
+  group "g" {{
+    restart {{
+      attempts = {restart_attempts}
+      delay    = "1s"
+      interval = "10m"
+      mode     = "fail"
+    }}
+    reschedule {{
+      attempts  = 0
+      unlimited = false
+    }}
+    task "vm" {{
+      driver = "microvm"
+      kill_timeout = "25s"
+      config {{
+        runner = "{runner}"
+        {extra_config}
+      }}
+      resources {{
+        cpu    = 200
+        memory = 300
+      }}
+    }}
+  }}
+}}
+"#,
+        runner = runner.display()
+    )
+}
+
+/// Processes whose command line mentions `needle` (pgrep -f).
+pub fn pgrep(needle: &str) -> Vec<i32> {
+    let out = std::process::Command::new("pgrep").args(["-f", needle]).output().expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
