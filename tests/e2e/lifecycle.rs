@@ -65,3 +65,109 @@ fn vm_boots_logs_shares_pings_and_stops_gracefully() {
     assert!(sockets.is_empty(), "sockets left: {sockets:?}");
     assert!(work.join("data/microvm-marker").exists(), "VM data stays");
 }
+
+fn vmm_pid(w: &World, host: &str) -> i32 {
+    let pids = pgrep(&format!("microvm@{host}"));
+    assert_eq!(pids.len(), 1, "exactly one VMM for {host}: {pids:?}");
+    let _ = w;
+    pids[0]
+}
+
+#[test]
+fn two_vms_at_once_each_with_its_own_tap_and_share() {
+    if !require_root("two_vms_at_once_each_with_its_own_tap_and_share") {
+        return;
+    }
+    let w = World::new("two", true, "");
+    let r1 = w.runner("one", 11, &[]);
+    let r2 = w.runner("two", 12, &[]);
+    assert!(w.run_vm_job("one", &r1, 0).status.success());
+    assert!(w.run_vm_job("two", &r2, 0).status.success());
+    let a1 = w.agent.wait_running("one", "vm", BOOT);
+    let a2 = w.agent.wait_running("two", "vm", BOOT);
+    let c1 = w.wait_console(&a1, "microvm-test-guest: ready", BOOT);
+    let c2 = w.wait_console(&a2, "microvm-test-guest: ready", BOOT);
+    assert!(c1.contains("booted one") && c1.contains("ping 192.0.2.1 ok"), "{c1}");
+    assert!(c2.contains("booted two") && c2.contains("ping 192.0.2.1 ok"), "{c2}");
+    assert!(!c1.contains("booted two") && !c2.contains("booted one"), "each console is its own VM's");
+    let links = w.netns.links();
+    assert!(links.contains(&"vm-one".to_string()) && links.contains(&"vm-two".to_string()), "{links:?}");
+    let m1 = std::fs::read_to_string(w.work_dir("one").join("data/microvm-marker")).unwrap();
+    let m2 = std::fs::read_to_string(w.work_dir("two").join("data/microvm-marker")).unwrap();
+    assert!(m1.contains("hostname=one") && m2.contains("hostname=two"), "{m1} / {m2}");
+    assert_ne!(vmm_pid(&w, "one"), vmm_pid(&w, "two"));
+}
+
+#[test]
+fn guest_reboot_is_restarted_by_nomad_with_virtiofsd_back() {
+    if !require_root("guest_reboot_is_restarted_by_nomad_with_virtiofsd_back") {
+        return;
+    }
+    let w = World::new("reboot", true, "");
+    let runner = w.runner("rb", 21, &[]);
+    assert!(w.run_vm_job("rb", &runner, 2).status.success());
+    let alloc = w.agent.wait_running("rb", "vm", BOOT);
+    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let first_pid = vmm_pid(&w, "rb");
+    let work = w.work_dir("rb");
+    assert!(std::fs::read_to_string(work.join("data/microvm-marker")).unwrap().contains("boot=1"));
+
+    // The guest reboots itself: qemu (-no-reboot) exits, Nomad restarts the task.
+    std::fs::write(work.join("data/reboot-request"), "").unwrap();
+    wait_until("the VM to boot a second time", BOOT, Duration::from_millis(500), || {
+        let m = std::fs::read_to_string(work.join("data/microvm-marker")).unwrap_or_default();
+        if m.contains("boot=2") { Ok(()) } else { Err(m) }
+    });
+    let events = w.agent.task_events(&alloc, "vm");
+    assert!(events.contains("Restarting"), "{events}");
+    assert!(events.matches("virtiofsd ready for share(s) data").count() >= 2, "virtiofsd relaunched:\n{events}");
+    let second_pid = vmm_pid(&w, "rb");
+    assert_ne!(first_pid, second_pid);
+    let console = w.wait_console(&alloc, "rebooting on request", BOOT);
+    assert!(console.matches("microvm-test-guest: booted rb").count() >= 2, "{console}");
+}
+
+#[test]
+fn bad_runners_fail_with_the_problem_named_and_leave_nothing() {
+    if !require_root("bad_runners_fail_with_the_problem_named_and_leave_nothing") {
+        return;
+    }
+    let w = World::new("bad", true, "");
+    let not_a_runner = w.dir.path().join("runners/not-a-runner");
+    std::fs::create_dir_all(&not_a_runner).unwrap();
+    // A store path that is a directory but no runner:
+    let store_dir = {
+        let out = std::process::Command::new("nix-store").args(["--add"]).arg(&not_a_runner).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // A runner whose share socket name cannot fit in a unix socket path.
+    let long_host = "h".repeat(60);
+    let long = microvm_e2e::runner::make_runner(
+        &w.dir.path().join("runners"),
+        &["--hostname", &long_host, "--tap", "vm-long", "--share", "data:data", "--store"],
+    );
+    let cases = [
+        ("missing", "/nix/store/00000000000000000000000000000000-microvm-qemu-gone".to_string(), "is not on this node and no substituters are configured"),
+        ("notrunner", store_dir, "bin/microvm-run is missing"),
+        ("longsock", long.display().to_string(), "over the 107-byte limit of unix sockets"),
+        ("outside", not_a_runner.display().to_string(), "refused by `allowed_runner_roots`"),
+    ];
+    for (job, runner, wanted) in cases {
+        assert!(w.run_vm_job(job, std::path::Path::new(&runner), 0).status.success());
+        let events = wait_until(&format!("job {job} to fail"), Duration::from_secs(60), Duration::from_millis(500), || {
+            let allocs = w.agent.allocs(job);
+            let a = allocs.first().ok_or("no allocation")?;
+            let events = w.agent.task_events(a["ID"].as_str().unwrap_or_default(), "vm");
+            if a["ClientStatus"] == "failed" { Ok(events) } else { Err(events) }
+        });
+        assert!(events.contains(wanted), "case {job}: events lack {wanted:?}:\n{events}");
+    }
+    // Nothing left behind: no task dirs, no claims, no VMM, no tap.
+    let tasks = std::fs::read_dir(w.state_dir.join("tasks")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(tasks, 0, "task dirs left");
+    let claims = std::fs::read_dir(w.state_dir.join("claims")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(claims, 0, "claims left");
+    assert!(pgrep(&format!("microvm@{long_host}")).is_empty());
+    assert!(!w.netns.links().contains(&"vm-long".to_string()), "{:?}", w.netns.links());
+}

@@ -6,7 +6,8 @@
 #       Writes DIR/agent.hcl, starts the agent in its own process group
 #       (inside netns NS if given), logs to DIR/agent.log, pid in
 #       DIR/agent.pid, and waits up to $NOMAD_PEER_START_TIMEOUT (60) s for
-#       `nomad node status -self` to answer. Prints nothing on success; on
+#       `nomad node status -self` to answer with status "ready" (drivers
+#       fingerprinted, jobs can be placed). Prints nothing on success; on
 #       failure prints the tail of the log and exits 1.
 #       Without --dev: a persistent server+client (-server -client
 #       -bootstrap-expect=1, state in DIR/data) that can be stopped and
@@ -24,7 +25,12 @@
 #       does not see its predecessor's. --nsenter (or NOMAD_PEER_NSENTER=1)
 #       enters only the network namespace (`nsenter --net`): real cgroups and
 #       mounts shared with the host, but /sys/class/net shows the host's.
-#   agent.sh stop DIR     SIGTERM the agent's process group, SIGKILL after 15 s
+#   agent.sh stop DIR     SIGTERM the agent's process group, SIGKILL after 15 s.
+#                         A -dev agent destroys its allocations on the way
+#                         out; a persistent one leaves running tasks (their
+#                         executors are in process groups of their own) to be
+#                         picked up by the next start: stop jobs first if
+#                         they must go.
 #   agent.sh kill DIR     SIGKILL the agent process only (crash tests: its
 #                         plugins and tasks are left running)
 #   agent.sh nomad DIR -- ARGS...
@@ -214,7 +220,9 @@ cmd_start() {
 			rm -f "$dir/agent.pid"
 			exit 1
 		fi
-		if in_ns "$dir" "$bin" node status -self >/dev/null 2>&1; then
+		# Answering is not enough: the client registers as "initializing"
+		# and the scheduler places nothing on it until it turns "ready".
+		if [[ $(in_ns "$dir" "$bin" node status -self -t '{{.Status}}' 2>/dev/null) == ready ]]; then
 			return 0
 		fi
 		sleep 0.5

@@ -40,7 +40,7 @@ pub enum TaskError {
     NotImplemented(&'static str),
     #[error("invalid task config")]
     Config(#[source] ConfigError),
-    #[error("cannot use runner {path}")]
+    #[error("unusable runner")]
     Runner {
         path: PathBuf,
         #[source]

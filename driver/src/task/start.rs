@@ -63,7 +63,9 @@ async fn prepare(
     // 1. The runner, fetched if this node does not have it, and confined.
     check_runner_root(&cfg.runner, config)?;
     if std::fs::symlink_metadata(&cfg.runner).is_err() {
-        tasks.emit(task, format!("runner not on this node: fetching {}", cfg.runner.display()));
+        if !config.substituters.is_empty() {
+            tasks.emit(task, format!("runner not on this node: fetching {}", cfg.runner.display()));
+        }
         let from = nixstore::fetch(&config.nix, &config.substituters, &config.trusted_public_keys, &cfg.runner).await?;
         tasks.emit(task, format!("fetched the runner from {from}"));
     }
