@@ -19,9 +19,9 @@
 #       default block out altogether (e.g. to test a missing plugin block).
 #       The netns is entered with `ip netns exec NS`, which also gives the
 #       agent a private mount namespace with a fresh /sys: /sys/class/net
-#       shows the netns, but no cgroup fs is mounted (exec driver unhealthy,
-#       no task cgroups) and mounts the agent makes (alloc secrets tmpfs...)
-#       are private to that one agent process tree, so an agent started again
+#       shows the netns, but no cgroup fs is mounted (Nomad finds none: the
+#       exec driver is unhealthy), and mounts the agent and its plugins make
+#       are private to that agent's process tree, so an agent started again
 #       does not see its predecessor's. --nsenter (or NOMAD_PEER_NSENTER=1)
 #       enters only the network namespace (`nsenter --net`): real cgroups and
 #       mounts shared with the host, but /sys/class/net shows the host's.
