@@ -148,19 +148,24 @@ fn bad_runners_fail_with_the_problem_named_and_leave_nothing() {
         &["--hostname", &long_host, "--tap", "vm-long", "--share", "data:data", "--store"],
     );
     let cases = [
-        ("missing", "/nix/store/00000000000000000000000000000000-microvm-qemu-gone".to_string(), "is not on this node and no substituters are configured"),
+        (
+            "missing",
+            "/nix/store/00000000000000000000000000000000-microvm-qemu-gone".to_string(),
+            "is not on this node and no substituters are configured",
+        ),
         ("notrunner", store_dir, "bin/microvm-run is missing"),
         ("longsock", long.display().to_string(), "over the 107-byte limit of unix sockets"),
         ("outside", not_a_runner.display().to_string(), "refused by `allowed_runner_roots`"),
     ];
     for (job, runner, wanted) in cases {
         assert!(w.run_vm_job(job, std::path::Path::new(&runner), 0).status.success());
-        let events = wait_until(&format!("job {job} to fail"), Duration::from_secs(60), Duration::from_millis(500), || {
-            let allocs = w.agent.allocs(job);
-            let a = allocs.first().ok_or("no allocation")?;
-            let events = w.agent.task_events(a["ID"].as_str().unwrap_or_default(), "vm");
-            if a["ClientStatus"] == "failed" { Ok(events) } else { Err(events) }
-        });
+        let events =
+            wait_until(&format!("job {job} to fail"), Duration::from_secs(60), Duration::from_millis(500), || {
+                let allocs = w.agent.allocs(job);
+                let a = allocs.first().ok_or("no allocation")?;
+                let events = w.agent.task_events(a["ID"].as_str().unwrap_or_default(), "vm");
+                if a["ClientStatus"] == "failed" { Ok(events) } else { Err(events) }
+            });
         assert!(events.contains(wanted), "case {job}: events lack {wanted:?}:\n{events}");
     }
     // Nothing left behind: no task dirs, no claims, no VMM, no tap.
@@ -170,4 +175,61 @@ fn bad_runners_fail_with_the_problem_named_and_leave_nothing() {
     assert_eq!(claims, 0, "claims left");
     assert!(pgrep(&format!("microvm@{long_host}")).is_empty());
     assert!(!w.netns.links().contains(&"vm-long".to_string()), "{:?}", w.netns.links());
+}
+
+#[test]
+fn vm_survives_plugin_crash_and_agent_restarts_then_stops_cleanly() {
+    if !require_root("vm_survives_plugin_crash_and_agent_restarts_then_stops_cleanly") {
+        return;
+    }
+    let mut w = World::new("recover", false, "");
+    let runner = w.runner("rec", 41, &[]);
+    assert!(w.run_vm_job("rec", &runner, 0).status.success());
+    let alloc = w.agent.wait_running("rec", "vm", BOOT);
+    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let vmm = vmm_pid(&w, "rec");
+
+    // 1. kill -9 of the plugin: Nomad relaunches it and recovers the task.
+    let plugins = w.agent.plugin_pids();
+    assert_eq!(plugins.len(), 1, "one long-lived plugin: {plugins:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(plugins[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until("a new plugin", Duration::from_secs(60), Duration::from_millis(500), || {
+        let now = w.agent.plugin_pids();
+        if !now.is_empty() && !now.contains(&plugins[0]) { Ok(()) } else { Err(format!("{now:?}")) }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(vmm_pid(&w, "rec"), vmm, "same VM after the plugin crash");
+    assert_eq!(w.agent.api(&format!("/v1/allocation/{alloc}"))["TaskStates"]["vm"]["State"], "running");
+
+    // 2. graceful agent restart (the agent kills its plugin; a new one recovers).
+    w.agent.stop();
+    assert_eq!(vmm_pid(&w, "rec"), vmm, "the VM outlives the agent");
+    w.agent.restart();
+    wait_until("the task to be recovered", Duration::from_secs(60), Duration::from_millis(500), || {
+        let log = w.agent.log();
+        if log.contains("recovered task") { Ok(()) } else { Err("no recovery logged yet".to_string()) }
+    });
+    assert_eq!(vmm_pid(&w, "rec"), vmm, "same VM after the agent restart");
+
+    // 3. agent crash (kill -9 of the agent only): the next agent reattaches.
+    w.agent.crash();
+    w.agent.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(vmm_pid(&w, "rec"), vmm, "same VM after the agent crash");
+    assert_eq!(w.agent.api(&format!("/v1/allocation/{alloc}"))["TaskStates"]["vm"]["State"], "running");
+
+    // 4. A stop still works and is graceful; the exit code is the guest's 0.
+    w.agent.nomad_ok(&["job", "stop", "-detach", "rec"]);
+    wait_until("the alloc to complete", Duration::from_secs(90), Duration::from_millis(500), || {
+        let a = w.agent.api(&format!("/v1/allocation/{alloc}"));
+        if a["ClientStatus"] == "complete" { Ok(()) } else { Err(a["ClientStatus"].to_string()) }
+    });
+    let events = w.agent.task_events(&alloc, "vm");
+    assert!(events.contains("VM exited with code 0"), "{events}");
+    // Printed after all the restarts: the console still reaches `nomad alloc logs`.
+    let console = w.agent.alloc_logs(&alloc, "vm", false);
+    assert!(console.contains("microvm-test-guest: graceful shutdown"), "{console}");
+    wait_until("the VMM to be gone", Duration::from_secs(20), Duration::from_millis(500), || {
+        if pgrep("microvm@rec").is_empty() { Ok(()) } else { Err("still running".into()) }
+    });
 }

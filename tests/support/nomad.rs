@@ -88,6 +88,8 @@ advertise {{
 plugin_dir = "{plugin_dir}"
 client {{
   enabled = true
+  # the namespace has no default route; -dev picks lo by itself
+  network_interface = "lo"
   options = {{
     # these probe 169.254.169.254: never let them run
     "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
