@@ -15,6 +15,7 @@ Usage:
   nomad-driver-microvm                      run as a plugin (a Nomad agent starts it this way)
   nomad-driver-microvm check-config FILE    check a plugin config (the JSON of the `config {}` block)
   nomad-driver-microvm supervise SPEC       run one task's supervisor (the plugin starts it)
+  nomad-driver-microvm config-keys          list the plugin config keys, one per line
   nomad-driver-microvm probe-kvm            run a trivial KVM guest and say whether it halted
   nomad-driver-microvm --version
 ";
@@ -25,6 +26,12 @@ fn main() -> ExitCode {
         [] => run_plugin(),
         ["supervise", spec] => ExitCode::from(supervisor::main(std::path::Path::new(spec)) as u8),
         ["check-config", file] => check_config(file),
+        ["config-keys"] => {
+            for key in config::PLUGIN_KEYS {
+                println!("{key}");
+            }
+            ExitCode::SUCCESS
+        }
         ["probe-kvm"] => {
             println!("{}", fingerprint::format_probe_output(&fingerprint::kvm_selftest()));
             ExitCode::SUCCESS
