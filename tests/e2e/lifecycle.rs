@@ -80,7 +80,8 @@ fn two_vms_at_once_each_with_its_own_tap_and_share() {
     }
     let w = World::new("two", true, "");
     let r1 = w.runner("one", 11, &[]);
-    let r2 = w.runner("two", 12, &[]);
+    // The second one in the legacy layout (data files only, no hypervisor file).
+    let r2 = w.runner("two", 12, &["--legacy", "--no-hypervisor-file"]);
     assert!(w.run_vm_job("one", &r1, 0).status.success());
     assert!(w.run_vm_job("two", &r2, 0).status.success());
     let a1 = w.agent.wait_running("one", "vm", BOOT);
