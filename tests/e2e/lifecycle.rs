@@ -32,6 +32,21 @@ fn vm_boots_logs_shares_pings_and_stops_gracefully() {
     let events = w.agent.task_events(&alloc, "vm");
     assert!(events.contains("virtiofsd ready for share(s) data"), "{events}");
 
+    // The booted runner is a GC root while the task lives (nix lists the
+    // indirect root by the link it goes through: the work dir's `booted`).
+    let roots = nix_roots(&runner);
+    assert!(roots.contains(&format!("{}/booted ->", work.display())), "{roots}");
+
+    // TaskStats: real CPU and memory of the VMM and its helpers.
+    let stats = wait_until("non-zero stats", Duration::from_secs(30), Duration::from_secs(1), || {
+        let s = w.agent.api(&format!("/v1/client/allocation/{alloc}/stats"));
+        let usage = &s["ResourceUsage"];
+        let rss = usage["MemoryStats"]["RSS"].as_u64().unwrap_or(0);
+        let cpu = usage["CpuStats"]["TotalTicks"].as_f64().unwrap_or(0.0);
+        if rss > 0 && cpu > 0.0 { Ok(s) } else { Err(s.to_string()) }
+    });
+    assert!(stats["Tasks"]["vm"]["Pids"].as_object().is_some_and(|p| p.len() >= 2), "VMM and virtiofsd: {stats}");
+
     // Graceful stop: the guest's own shutdown message, before any signal.
     w.agent.nomad_ok(&["job", "stop", "-detach", "alpha"]);
     wait_until("the alloc to complete", Duration::from_secs(60), Duration::from_millis(500), || {
@@ -64,6 +79,13 @@ fn vm_boots_logs_shares_pings_and_stops_gracefully() {
         .collect();
     assert!(sockets.is_empty(), "sockets left: {sockets:?}");
     assert!(work.join("data/microvm-marker").exists(), "VM data stays");
+    assert!(!nix_roots(&runner).contains("/booted ->"), "GC root removed");
+}
+
+/// `nix-store --query --roots`: what keeps a store path alive.
+fn nix_roots(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("nix-store").args(["--query", "--roots"]).arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 fn vmm_pid(w: &World, host: &str) -> i32 {
