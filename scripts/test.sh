@@ -12,4 +12,12 @@ VIRTIOFSD=$(tests/runner/install-virtiofsd.sh)
 
 cargo fmt --all --check
 cargo build --workspace --bins
-cargo test --workspace -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+# Unit, integration and end-to-end tests (no doc tests: there are none).
+cargo test --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

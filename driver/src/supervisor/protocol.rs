@@ -18,6 +18,10 @@ pub const PIDS_FILE: &str = "pids.json";
 pub const EVENTS_FILE: &str = "events.jsonl";
 pub const CONTROL_SOCKET: &str = "control.sock";
 pub const LOG_FILE: &str = "supervisor.log";
+/// Written by the plugin once StartTask hands the handle to Nomad. A
+/// supervisor whose plugin dies before that removes its VM: nobody else
+/// knows about it.
+pub const COMMITTED_FILE: &str = "committed";
 
 /// One virtiofsd to run before the VMM (argv[0] is the binary).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +58,10 @@ pub struct LaunchSpec {
     pub default_stop_timeout: Duration,
     /// `bin/microvm-shutdown` of the booted runner, if it has one.
     pub shutdown_script: Option<PathBuf>,
+    /// What to release if the start is never confirmed.
+    pub hold: crate::task::hold::HostHold,
+    /// The plugin that started us, watched until it confirms the start.
+    pub plugin: Option<ProcessId>,
 }
 
 /// Pids the supervisor publishes as soon as it has them.

@@ -23,6 +23,9 @@ use crate::proc::ProcessId;
 /// After the graceful timeout: SIGTERM, then this long before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(3);
 
+/// A start the plugin never confirms (it hung) is abandoned after this.
+const COMMIT_DEADLINE: Duration = Duration::from_secs(600);
+
 /// Appends task events to events.jsonl, where the plugin picks them up.
 #[derive(Clone)]
 pub struct EventLog {
@@ -56,6 +59,8 @@ struct Shared {
     /// Set once a stop began: whether it was requested, and why.
     stop: Mutex<Option<(bool, Option<String>)>>,
     stop_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The plugin died before confirming the start: nobody will destroy us.
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -239,7 +244,9 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
         exited: exit_rx.clone(),
         stop: Mutex::new(None),
         stop_task: Mutex::new(None),
+        abandoned: std::sync::atomic::AtomicBool::new(false),
     });
+    tokio::spawn(watch_commit(shared.clone()));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut exit_rx = exit_rx;
@@ -373,6 +380,32 @@ async fn finish(
         tracing::error!("cannot record the exit status: {e}");
     }
     let _ = std::fs::remove_file(shared.spec.task_dir.join(protocol::CONTROL_SOCKET));
+    if shared.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+        shared.spec.hold.release(&crate::net::LinuxNet::new());
+    }
+}
+
+/// Until the plugin confirms the start (COMMITTED_FILE), its death means
+/// Nomad never got a handle for this VM: remove it rather than orphan it.
+async fn watch_commit(shared: Arc<Shared>) {
+    let committed = shared.spec.task_dir.join(protocol::COMMITTED_FILE);
+    let plugin_gone = async {
+        match shared.spec.plugin {
+            Some(p) => p.exited().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = plugin_gone => {}
+        _ = tokio::time::sleep(COMMIT_DEADLINE) => {}
+    }
+    if committed.exists() {
+        return;
+    }
+    let reason = "the plugin went away before confirming the start to Nomad: removing the VM".to_string();
+    shared.events.emit(reason.clone());
+    shared.abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
+    shared.begin_stop(Duration::ZERO, false, Some(reason));
 }
 
 /// One request over a task's control socket (used by the plugin).

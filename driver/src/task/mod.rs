@@ -5,6 +5,7 @@
 //! task dir the supervisor maintains) and in the handle Nomad stores.
 
 mod claims;
+pub mod hold;
 mod nixstore;
 pub mod paths;
 mod start;
@@ -214,6 +215,11 @@ impl Tasks {
             return Err(TaskError::AlreadyExists(task.id));
         }
         let state = start::start(self, &task).await?;
+        // From here on the VM is Nomad's to stop; without this mark the
+        // supervisor would remove it when this plugin dies.
+        if let Err(e) = std::fs::write(state.task_dir.join(protocol::COMMITTED_FILE), b"") {
+            tracing::error!(task_id = %task.id, error = %e, "cannot confirm the start to the supervisor");
+        }
         let handle = TaskHandle {
             version: HANDLE_VERSION,
             config: Some(task.clone()),
@@ -379,27 +385,9 @@ impl Tasks {
 
     /// Removes what a task created on the host (idempotent).
     async fn cleanup(&self, state: &DriverState) {
-        let config = self.config();
-        for name in state.taps.iter().chain(&state.macvtaps) {
-            // Only if we still hold it: a stale handle must not delete the
-            // interface of the task that took the name over.
-            let claim = claims::tap_claim(name);
-            let ours = std::fs::read_link(claims::claims_dir(&config.state_dir).join(&claim))
-                .map(|o| o == state.task_dir)
-                .unwrap_or(false);
-            if ours {
-                if let Err(e) = self.net.delete_link(name) {
-                    tracing::warn!(interface = %name, error = %e, "cannot delete interface");
-                }
-                claims::release(&config.state_dir, &claim, &state.task_dir);
-            }
-        }
-        claims::release(&config.state_dir, &claims::workdir_claim(&state.slug), &state.task_dir);
-        if let Some(root) = &state.gcroot {
-            let _ = std::fs::remove_file(root);
-        }
-        let _ = std::fs::remove_file(state.work_dir.join("booted"));
-        let _ = std::fs::remove_dir_all(&state.task_dir);
+        let hold = state.hold();
+        let net = self.net.clone();
+        let _ = tokio::task::spawn_blocking(move || hold.release(net.as_ref())).await;
     }
 
     /// SignalTask: INT/TERM become a graceful guest shutdown; the rest go to

@@ -175,6 +175,15 @@ async fn prepare(
         env: vmm_env(task, &paths.work_dir),
         default_stop_timeout: config.default_stop_timeout,
         shutdown_script: runner.microvm_shutdown(),
+        hold: super::hold::HostHold {
+            state_dir: config.state_dir.clone(),
+            task_dir: paths.task_dir.clone(),
+            work_dir: paths.work_dir.clone(),
+            slug: paths.slug.clone(),
+            interfaces: runner.taps.iter().cloned().chain(runner.macvtaps.iter().map(|m| m.id.clone())).collect(),
+            gcroot: gcroot.clone(),
+        },
+        plugin: crate::proc::ProcessId::of(std::process::id() as i32),
     };
     protocol::write_atomic(&paths.task_dir, protocol::SPEC_FILE, &spec)
         .map_err(TaskError::io("write the launch spec"))?;

@@ -42,6 +42,20 @@ pub enum StateError {
 }
 
 impl DriverState {
+    /// What the task holds on the host (its state dir is two levels above
+    /// its task dir: `<state_dir>/tasks/<id>`).
+    pub fn hold(&self) -> super::hold::HostHold {
+        let state_dir = self.task_dir.parent().and_then(|p| p.parent()).map(PathBuf::from).unwrap_or_default();
+        super::hold::HostHold {
+            state_dir,
+            task_dir: self.task_dir.clone(),
+            work_dir: self.work_dir.clone(),
+            slug: self.slug.clone(),
+            interfaces: self.taps.iter().chain(&self.macvtaps).cloned().collect(),
+            gcroot: self.gcroot.clone(),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
