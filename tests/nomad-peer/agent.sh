@@ -33,6 +33,11 @@
 #                         they must go.
 #   agent.sh kill DIR     SIGKILL the agent process only (crash tests: its
 #                         plugins and tasks are left running)
+#   agent.sh clean DIR    stop the agent if it runs, unmount whatever is still
+#                         mounted under DIR (with --nsenter, or without a
+#                         netns, the alloc secrets/private tmpfs of allocations
+#                         not yet garbage-collected stay mounted on the host
+#                         after the agent stops), then delete DIR
 #   agent.sh nomad DIR -- ARGS...
 #                         run the nomad CLI in the agent's netns with
 #                         NOMAD_ADDR set
@@ -266,6 +271,23 @@ cmd_kill() {
 	rm -f "$dir/agent.pid"
 }
 
+cmd_clean() {
+	[[ $# -eq 1 ]] || usage
+	[[ -d $1 ]] || return 0
+	local dir m
+	dir=$(realpath -e "$1")
+	[[ $dir != / ]] || die "clean: refusing to clean /"
+	if read_pid "$dir" >/dev/null; then
+		cmd_stop "$dir"
+	fi
+	# Deepest first. Mount points with spaces are escaped (\040) in
+	# mountinfo; Nomad's are not.
+	while read -r m; do
+		umount "$m" 2>/dev/null || umount -l "$m"
+	done < <(awk -v d="$dir/" 'index($5, d) == 1 { print $5 }' /proc/self/mountinfo | sort -r)
+	rm -rf -- "$dir"
+}
+
 cmd_nomad() {
 	[[ $# -ge 1 ]] || usage
 	local dir=$1
@@ -283,7 +305,8 @@ case $sub in
 start) cmd_start "$@" ;;
 stop) cmd_stop "$@" ;;
 kill) cmd_kill "$@" ;;
+clean) cmd_clean "$@" ;;
 nomad) cmd_nomad "$@" ;;
 -h | --help | help) usage ;;
-*) die "unknown command: $sub (start|stop|kill|nomad)" ;;
+*) die "unknown command: $sub (start|stop|kill|clean|nomad)" ;;
 esac

@@ -15,10 +15,10 @@ passed=0
 cleanup() {
 	local d
 	for d in "$tmp"/*/; do
-		[[ -f $d/agent.pid ]] && "$agent" stop "$d" || true
+		"$agent" clean "$d" || true
 	done
 	ip netns del "$ns" 2>/dev/null || true
-	rm -rf "$tmp" 2>/dev/null || true
+	rm -rf "$tmp" || true
 }
 trap cleanup EXIT
 trap 'echo "FAIL: line $LINENO: $BASH_COMMAND" >&2' ERR
