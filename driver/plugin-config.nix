@@ -169,9 +169,16 @@ let
         names);
 
   defaults = builtins.mapAttrs (_: o: o.default) options;
+
+  # The part of the Nomad agent config (services.nomad.settings, written as
+  # JSON) that loads the plugin: the label is the binary's file name in the
+  # plugin dir, and since Nomad 1.10 a plugin without this block is skipped.
+  agentSettings = values: {
+    plugin.nomad-driver-microvm.config = render values;
+  };
 in
 {
-  inherit options names patterns patternOf isList valid render defaults;
+  inherit options names patterns patternOf isList valid render defaults agentSettings;
   # The keys `render` writes, for comparing with `nomad-driver-microvm config-keys`.
   keys = map (n: options.${n}.key) names;
 }

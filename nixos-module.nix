@@ -1,0 +1,303 @@
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.nomad-microvm;
+  inherit (lib) mkOption mkEnableOption mkIf mkMerge mkDefault types literalExpression;
+
+  plugin = import ./driver/plugin-config.nix;
+
+  isServer = cfg.role != "client";
+  isClient = cfg.role != "server";
+
+  # A file path given as a string: never a Nix path literal, which would copy
+  # the (secret) file into the world-readable store.
+  secretFile = types.nullOr (types.strMatching "/.*");
+  inStore = p: p != null && lib.hasPrefix builtins.storeDir p;
+
+  # services.nomad-microvm.driver.<name>: one option per plugin config key,
+  # typed from driver/plugin-config.nix's table.
+  driverOptionType = o:
+    let
+      pattern = plugin.patternOf o.kind;
+      scalar = if pattern == null then types.str else types.strMatching pattern;
+    in
+    if o.kind == "bool" then types.bool
+    else if plugin.isList o.kind then types.listOf scalar
+    else if lib.hasPrefix "null" o.kind then types.nullOr scalar
+    else scalar;
+
+  # Where a NixOS host knows better than the driver's built-in default.
+  hostDefaults = {
+    virtiofsd = {
+      default = "${pkgs.virtiofsd}/bin/virtiofsd";
+      defaultText = literalExpression ''"''${pkgs.virtiofsd}/bin/virtiofsd"'';
+    };
+    nix = {
+      default = "${config.nix.package}/bin/nix";
+      defaultText = literalExpression ''"''${config.nix.package}/bin/nix"'';
+    };
+    defaultBridge = {
+      default = if cfg.bridge.enable then cfg.bridge.name else null;
+      defaultText = literalExpression "if bridge.enable then bridge.name else null";
+    };
+    substituters = {
+      default = lib.optional (cfg.cache.url != null) cfg.cache.url;
+      defaultText = literalExpression "lib.optional (cache.url != null) cache.url";
+    };
+    trustedPublicKeys = {
+      default = cfg.cache.publicKeys;
+      defaultText = literalExpression "cache.publicKeys";
+    };
+  };
+
+  driverOptions = lib.mapAttrs
+    (name: o: mkOption ({
+      type = driverOptionType o;
+      inherit (o) default;
+      description = "Plugin config key `${o.key}`: ${o.description}";
+    } // (hostDefaults.${name} or { })))
+    plugin.options;
+
+  vmmUserIsName = builtins.match "[0-9]+" cfg.driver.vmmUser == null && cfg.driver.vmmUser != "root";
+  vmmGroupIsName = builtins.match "[0-9]+" cfg.driver.vmmGroup == null;
+
+  cloudFingerprinters = [ "env_aws" "env_gce" "env_azure" "env_digitalocean" ];
+in
+{
+  options.services.nomad-microvm = {
+    enable = mkEnableOption "a Nomad agent that runs microvm.nix runners with nomad-driver-microvm";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.nomad-driver-microvm;
+      defaultText = literalExpression "pkgs.nomad-driver-microvm";
+      description = "The driver plugin package; its `bin/` must hold only `nomad-driver-microvm` (Nomad starts every executable in its plugin dir).";
+    };
+
+    role = mkOption {
+      type = types.enum [ "server" "client" "both" ];
+      default = "both";
+      description = "Whether this host is a Nomad server, a client that runs VMs, or both.";
+    };
+
+    servers = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "10.0.0.1" "10.0.0.2" "10.0.0.3" ];
+      description = "Addresses (`host` or `host:port`) of the Nomad servers; servers and clients join them (`server_join.retry_join`). Empty: a single node that is its own server.";
+    };
+
+    bootstrapExpect = mkOption {
+      type = types.ints.positive;
+      default = lib.max 1 (builtins.length cfg.servers);
+      defaultText = literalExpression "max 1 (length servers)";
+      description = "How many servers the cluster waits for before electing a leader (`server.bootstrap_expect`).";
+    };
+
+    datacenter = mkOption {
+      type = types.str;
+      default = "dc1";
+      description = "Nomad datacenter of this node; jobs name it.";
+    };
+
+    nodeMeta = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      example = { rack = "r1"; };
+      description = "Client metadata (`client.meta`), for job constraints.";
+    };
+
+    denyCloudFingerprinters = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Disable Nomad's cloud fingerprinters (${lib.concatStringsSep ", " cloudFingerprinters}), which probe 169.254.169.254 and delay the first registration where no metadata service answers.";
+    };
+
+    disableUpdateCheck = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Nomad's `disable_update_check`.";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open Nomad's ports: HTTP 4646 on every node; RPC 4647 and Serf 4648 (TCP and UDP) on servers.";
+    };
+
+    kernelModules = mkOption {
+      type = types.listOf types.str;
+      default = [ "kvm" "tun" "tap" "vhost_net" ];
+      description = "Kernel modules loaded at boot: taps, macvtaps and vhost-net. Load your CPU's `kvm-intel` or `kvm-amd` too (nixos-generate-config puts it in hardware-configuration.nix).";
+    };
+
+    createVmmUser = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Create `driver.vmmUser` as a system user in `driver.vmmGroup` (microvm.nix's `microvm:kvm`). Off: declare them yourself.";
+    };
+
+    driver = driverOptions;
+
+    bridge = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Create a bridge for the VMs' taps with systemd-networkd; it becomes the driver's default bridge.";
+      };
+      name = mkOption {
+        type = types.strMatching plugin.patterns.ifname;
+        default = "vmbr0";
+        description = "Name of the bridge.";
+      };
+      interfaces = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "eth0" ];
+        description = "Host interfaces enslaved to the bridge (uplinks), so VMs share their network. Their addresses belong on the bridge then: set `addresses` or `dhcp`.";
+      };
+      addresses = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "192.0.2.1/24" ];
+        description = "Addresses of the host on the bridge (CIDR).";
+      };
+      dhcp = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Run networkd's DHCP client on the bridge (for an uplinked bridge on a DHCP network).";
+      };
+    };
+
+    cache = {
+      path = mkOption {
+        type = types.nullOr (types.strMatching "/.*");
+        default = null;
+        example = "/srv/nix-cache";
+        description = "Local directory of a `file://` binary cache (on a filesystem every node mounts, or on the one node that both builds and runs); created if missing, writable by the gitfront user. Sets `url`.";
+      };
+      url = mkOption {
+        type = types.nullOr (types.strMatching plugin.patterns.storeUrl);
+        default = if cfg.cache.path != null then "file://${cfg.cache.path}" else null;
+        defaultText = literalExpression ''if path != null then "file://''${path}" else null'';
+        example = "https://cache.example.org";
+        description = "The binary cache: gitfront pushes runners to it, nodes fetch missing runners from it (the driver's default `substituters`).";
+      };
+      publicKeys = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "cache.example.org-1:AbCd…=" ];
+        description = "Public keys runners from the cache must be signed with (the driver's default `trustedPublicKeys`). Empty accepts unsigned paths: trust then comes from who can write the cache.";
+      };
+      signingKeyFile = mkOption {
+        type = secretFile;
+        default = null;
+        example = "/run/keys/nix-cache.sec";
+        description = "Secret key (`nix key generate-secret`) gitfront signs what it pushes with. A path read at run time, readable by the gitfront user; never copied to the store.";
+      };
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions = [
+        {
+          assertion = cfg.role != "client" || cfg.servers != [ ];
+          message = "services.nomad-microvm: a client-only node needs `servers` to join.";
+        }
+        {
+          assertion = !(inStore cfg.cache.signingKeyFile);
+          message = "services.nomad-microvm.cache.signingKeyFile must not be in the Nix store (it is world-readable there).";
+        }
+      ];
+
+      services.nomad = {
+        enable = true;
+        # The driver creates taps and starts virtiofsd: the agent runs as root.
+        dropPrivileges = false;
+        enableDocker = mkDefault false;
+        settings = {
+          datacenter = cfg.datacenter;
+          disable_update_check = cfg.disableUpdateCheck;
+          server = mkIf isServer ({
+            enabled = true;
+            bootstrap_expect = cfg.bootstrapExpect;
+          } // lib.optionalAttrs (cfg.servers != [ ]) {
+            server_join.retry_join = cfg.servers;
+          });
+        };
+      };
+
+      networking.firewall = mkIf cfg.openFirewall {
+        allowedTCPPorts = [ 4646 ] ++ lib.optionals isServer [ 4647 4648 ];
+        allowedUDPPorts = lib.optionals isServer [ 4648 ];
+      };
+    }
+
+    (mkIf isClient {
+      services.nomad = {
+        extraSettingsPlugins = [ cfg.package ];
+        settings = plugin.agentSettings cfg.driver // {
+          client = {
+            enabled = true;
+            meta = cfg.nodeMeta;
+          } // lib.optionalAttrs (cfg.servers != [ ]) {
+            server_join.retry_join = cfg.servers;
+          } // lib.optionalAttrs cfg.denyCloudFingerprinters {
+            options."fingerprint.denylist" = lib.concatStringsSep "," cloudFingerprinters;
+          };
+        };
+      };
+
+      boot.kernelModules = cfg.kernelModules;
+
+      users.users = mkIf (cfg.createVmmUser && vmmUserIsName) {
+        ${cfg.driver.vmmUser} = {
+          isSystemUser = true;
+          group = cfg.driver.vmmGroup;
+          description = "microVM hypervisors (nomad-driver-microvm)";
+        };
+      };
+      users.groups = mkIf (cfg.createVmmUser && vmmGroupIsName) {
+        ${cfg.driver.vmmGroup} = { };
+      };
+
+      systemd.tmpfiles.rules = [ "d ${cfg.driver.stateDir} 0755 root root - -" ];
+    })
+
+    (mkIf cfg.bridge.enable {
+      systemd.network = {
+        enable = true;
+        netdevs."40-${cfg.bridge.name}".netdevConfig = {
+          Name = cfg.bridge.name;
+          Kind = "bridge";
+        };
+        networks."40-${cfg.bridge.name}" = {
+          matchConfig.Name = cfg.bridge.name;
+          address = cfg.bridge.addresses;
+          networkConfig = {
+            DHCP = if cfg.bridge.dhcp then "yes" else "no";
+            # Addresses come up before the first VM's tap joins.
+            ConfigureWithoutCarrier = true;
+          };
+          # A bridge without uplinks has no carrier until a VM runs: it must
+          # not hold back network-online.target (Nomad starts after it).
+          linkConfig.RequiredForOnline = if cfg.bridge.interfaces == [ ] then "no" else "routable";
+        };
+        networks."41-${cfg.bridge.name}-ports" = mkIf (cfg.bridge.interfaces != [ ]) {
+          matchConfig.Name = lib.concatStringsSep " " cfg.bridge.interfaces;
+          networkConfig.Bridge = cfg.bridge.name;
+          linkConfig.RequiredForOnline = "enslaved";
+        };
+      };
+      # Where networkd manages nothing else, its wait-online would wait for a
+      # link that never comes online.
+      systemd.network.wait-online.enable = mkIf (!config.networking.useNetworkd) (mkDefault false);
+    })
+
+    (mkIf (cfg.cache.path != null) {
+      systemd.tmpfiles.rules = [
+        "d ${cfg.cache.path} 0755 ${if cfg.gitfront.enable then cfg.gitfront.user else "root"} root - -"
+      ];
+    })
+  ]);
+}
