@@ -62,7 +62,12 @@ fn vm_boots_logs_shares_pings_and_stops_gracefully() {
 
     // Nothing of the task remains: processes, tap, sockets, task dir.
     wait_until("cleanup", Duration::from_secs(20), Duration::from_millis(500), || {
-        let left: Vec<i32> = [pgrep("microvm@alpha"), pgrep(&format!("supervise {}", w.state_dir.display()))].concat();
+        let left: Vec<i32> = [
+            pgrep("microvm@alpha"),
+            pgrep(&format!("supervise {}", w.state_dir.display())),
+            pgrep(&format!("--shared-dir={}", work.display())),
+        ]
+        .concat();
         let links = w.netns.links();
         let tasks = std::fs::read_dir(w.state_dir.join("tasks")).map(|d| d.count()).unwrap_or(0);
         if left.is_empty() && !links.contains(&"vm-alpha".to_string()) && tasks == 0 {

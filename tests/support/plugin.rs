@@ -22,9 +22,17 @@ pub struct PluginProcess {
 /// Starts the driver with the environment go-plugin gives it and reads the
 /// handshake line.
 pub fn start_plugin(workdir: &std::path::Path) -> PluginProcess {
+    start_plugin_in(workdir, None)
+}
+
+/// Same, inside a network namespace (taps are made where the plugin runs).
+pub fn start_plugin_in(workdir: &std::path::Path, netns: Option<&crate::Netns>) -> PluginProcess {
     use std::io::BufRead;
     let stderr = workdir.join("plugin.stderr");
-    let mut cmd = Command::new(driver_bin());
+    let mut cmd = match netns {
+        Some(ns) => ns.command(driver_bin()),
+        None => Command::new(driver_bin()),
+    };
     cmd.env(COOKIE_KEY, COOKIE)
         .env("PLUGIN_PROTOCOL_VERSIONS", "2")
         .env("PLUGIN_MIN_PORT", "10000")

@@ -86,6 +86,18 @@ impl World {
             .unwrap_or_else(|| panic!("no work dir for job {job} under {}", vms.display()))
     }
 
+    /// pids.json of the one task dir under the state dir (the supervisor's
+    /// record of its VMM and virtiofsd processes).
+    pub fn task_pids(&self) -> serde_json::Value {
+        let tasks: Vec<PathBuf> = std::fs::read_dir(self.state_dir.join("tasks"))
+            .expect("tasks dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        assert_eq!(tasks.len(), 1, "one task dir expected: {tasks:?}");
+        let text = std::fs::read_to_string(tasks[0].join("pids.json")).expect("pids.json");
+        serde_json::from_str(&text).expect("pids.json is JSON")
+    }
+
     /// Waits until the task's console (alloc logs) contains `text`.
     pub fn wait_console(&self, alloc: &str, text: &str, limit: Duration) -> String {
         wait_until(&format!("console to show {text:?}"), limit, Duration::from_millis(500), || {
@@ -137,6 +149,6 @@ pub fn vm_job(job: &str, runner: &Path, restart_attempts: u32, extra_config: &st
 
 /// Processes whose command line mentions `needle` (pgrep -f).
 pub fn pgrep(needle: &str) -> Vec<i32> {
-    let out = std::process::Command::new("pgrep").args(["-f", needle]).output().expect("pgrep");
+    let out = std::process::Command::new("pgrep").args(["-f", "--", needle]).output().expect("pgrep");
     String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
 }

@@ -17,14 +17,29 @@ pub fn claims_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("claims")
 }
 
+/// Names the plugin starting a task, until the supervisor publishes pids.
+pub const STARTING_FILE: &str = "starting.json";
+
 /// Whether the task owning `task_dir` still runs (or is still starting).
 pub fn owner_alive(task_dir: &Path) -> bool {
-    match protocol::read_json::<Pids>(&task_dir.join(protocol::PIDS_FILE)) {
-        Ok(pids) => pids.supervisor.iter().chain(pids.vmm.iter()).any(ProcessId::is_alive),
-        Err(_) => std::fs::metadata(task_dir)
-            .and_then(|m| m.modified())
-            .map(|t| SystemTime::now().duration_since(t).unwrap_or_default() < STARTING_GRACE)
-            .unwrap_or(false),
+    if let Ok(pids) = protocol::read_json::<Pids>(&task_dir.join(protocol::PIDS_FILE)) {
+        return pids.supervisor.iter().chain(pids.vmm.iter()).any(ProcessId::is_alive);
+    }
+    // Still starting: alive as long as the plugin starting it is.
+    if let Ok(plugin) = protocol::read_json::<ProcessId>(&task_dir.join(STARTING_FILE)) {
+        return plugin.is_alive();
+    }
+    std::fs::metadata(task_dir)
+        .and_then(|m| m.modified())
+        .map(|t| SystemTime::now().duration_since(t).unwrap_or_default() < STARTING_GRACE)
+        .unwrap_or(false)
+}
+
+/// Marks `task_dir` as being started by this process.
+pub fn mark_starting(task_dir: &Path) -> std::io::Result<()> {
+    match ProcessId::of(std::process::id() as i32) {
+        Some(me) => protocol::write_atomic(task_dir, STARTING_FILE, &me),
+        None => Ok(()),
     }
 }
 
@@ -99,6 +114,13 @@ mod tests {
         claim(state.path(), "if-tap0", "tap tap0", &a).unwrap();
         let err = claim(state.path(), "if-tap0", "tap tap0", &b).unwrap_err();
         assert!(err.to_string().starts_with("tap tap0 is in use by another task"), "{err}");
+        // a task still being started by a dead plugin is stale too
+        let c = state.path().join("tasks/c");
+        std::fs::create_dir_all(&c).unwrap();
+        protocol::write_atomic(&c, STARTING_FILE, &ProcessId { start_time: me.start_time + 1, ..me }).unwrap();
+        assert!(!owner_alive(&c));
+        mark_starting(&c).unwrap();
+        assert!(owner_alive(&c), "started by us, alive");
         // once `a` is dead, `b` takes over the stale claim
         let dead = ProcessId { start_time: me.start_time + 1, ..me };
         protocol::write_atomic(&a, protocol::PIDS_FILE, &Pids { supervisor: Some(dead), ..Default::default() })

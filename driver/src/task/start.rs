@@ -94,6 +94,7 @@ async fn prepare(
     let workdir_claim = claims::workdir_claim(&paths.slug);
     std::fs::create_dir_all(&paths.task_dir).map_err(TaskError::io(format!("create {}", paths.task_dir.display())))?;
     undo.dirs.push(paths.task_dir.clone());
+    claims::mark_starting(&paths.task_dir).map_err(TaskError::io("mark the task as starting"))?;
     claim(&config.state_dir, &workdir_claim, &format!("VM directory {}", paths.work_dir.display()), &paths.task_dir)?;
     undo.claims.push(workdir_claim);
     for name in runner.taps.iter().chain(runner.macvtaps.iter().map(|m| &m.id)) {

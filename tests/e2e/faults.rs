@@ -1,0 +1,147 @@
+//! Faults survived: a VMM or a virtiofsd killed, the plugin killed in the
+//! middle of a start or a stop. Afterwards Nomad's view and the host agree.
+
+use std::time::Duration;
+
+use microvm_e2e::vm::{World, pgrep};
+use microvm_e2e::{require_root, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const BOOT: Duration = Duration::from_secs(120);
+
+fn boot_count(w: &World, job: &str) -> String {
+    std::fs::read_to_string(w.work_dir(job).join("data/microvm-marker")).unwrap_or_default()
+}
+
+fn one_vmm(host: &str) -> i32 {
+    let pids = pgrep(&format!("microvm@{host}"));
+    assert_eq!(pids.len(), 1, "exactly one VMM for {host}: {pids:?}");
+    pids[0]
+}
+
+#[test]
+fn killed_vmm_fails_the_task_with_the_reason_and_nomad_restarts_it() {
+    if !require_root("killed_vmm_fails_the_task_with_the_reason_and_nomad_restarts_it") {
+        return;
+    }
+    let w = World::new("killvmm", true, "");
+    let runner = w.runner("kv", 61, &[]);
+    assert!(w.run_vm_job("kv", &runner, 2).status.success());
+    let alloc = w.agent.wait_running("kv", "vm", BOOT);
+    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let vmm = one_vmm("kv");
+    kill(Pid::from_raw(vmm), Signal::SIGKILL).unwrap();
+    wait_until("the VM to boot again", BOOT, Duration::from_millis(500), || {
+        let m = boot_count(&w, "kv");
+        if m.contains("boot=2") { Ok(()) } else { Err(m) }
+    });
+    let events = w.agent.task_events(&alloc, "vm");
+    assert!(events.contains("VM killed by signal 9"), "{events}");
+    assert!(events.contains("Restarting"), "{events}");
+    assert_ne!(one_vmm("kv"), vmm);
+}
+
+#[test]
+fn killed_virtiofsd_is_reported_and_the_vm_restarted() {
+    if !require_root("killed_virtiofsd_is_reported_and_the_vm_restarted") {
+        return;
+    }
+    let w = World::new("killvfs", true, "");
+    let runner = w.runner("kf", 62, &[]);
+    assert!(w.run_vm_job("kf", &runner, 2).status.success());
+    let alloc = w.agent.wait_running("kf", "vm", BOOT);
+    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let work = w.work_dir("kf");
+    // The virtiofsd the supervisor started (its sandbox has a child too).
+    let pids = w.task_pids();
+    let virtiofsd = pids["virtiofsd"][0][1]["pid"].as_i64().expect("virtiofsd pid") as i32;
+    assert!(pgrep(&format!("--shared-dir={}/data", work.display())).contains(&virtiofsd));
+    kill(Pid::from_raw(virtiofsd), Signal::SIGKILL).unwrap();
+    wait_until("the VM to boot again", Duration::from_secs(180), Duration::from_millis(500), || {
+        let m = boot_count(&w, "kf");
+        if m.contains("boot=2") { Ok(()) } else { Err(m) }
+    });
+    let events = w.agent.task_events(&alloc, "vm");
+    assert!(events.contains("virtiofsd for share \"data\" exited"), "{events}");
+    assert!(events.contains("Restarting"), "{events}");
+    let again = w.task_pids()["virtiofsd"][0][1]["pid"].as_i64().expect("virtiofsd pid") as i32;
+    assert_ne!(again, virtiofsd);
+    assert!(pgrep(&format!("--shared-dir={}/data", work.display())).contains(&again), "virtiofsd is back");
+}
+
+#[test]
+fn plugin_killed_during_start_leaves_no_orphan() {
+    if !require_root("plugin_killed_during_start_leaves_no_orphan") {
+        return;
+    }
+    let w = World::new("killstart", true, "");
+    let runner = w.runner("ks", 63, &[]);
+    assert!(w.run_vm_job("ks", &runner, 3).status.success());
+    // Kill the plugin the moment the start creates its task dir.
+    let tasks = w.state_dir.join("tasks");
+    let plugin = w.agent.plugin_pids();
+    assert_eq!(plugin.len(), 1);
+    wait_until("a start to begin", Duration::from_secs(30), Duration::from_millis(1), || {
+        if std::fs::read_dir(&tasks).map(|d| d.count() > 0).unwrap_or(false) { Ok(()) } else { Err(String::new()) }
+    });
+    kill(Pid::from_raw(plugin[0]), Signal::SIGKILL).unwrap();
+
+    // Nomad retries with a new plugin; in the end exactly one VM runs, the one Nomad knows.
+    let alloc = w.agent.wait_running("ks", "vm", BOOT);
+    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    std::thread::sleep(Duration::from_secs(3));
+    one_vmm("ks");
+    let task_dirs = std::fs::read_dir(&tasks).unwrap().count();
+    assert_eq!(task_dirs, 1, "only the running task's dir is left");
+    let supervisors = pgrep(&format!("supervise {}", tasks.display()));
+    assert_eq!(supervisors.len(), 1, "{supervisors:?}");
+}
+
+#[test]
+fn plugin_killed_during_stop_the_stop_still_completes() {
+    if !require_root("plugin_killed_during_stop_the_stop_still_completes") {
+        return;
+    }
+    let w = World::new("killstop", true, "");
+    let runner = w.runner("kp", 64, &[]);
+    assert!(w.run_vm_job("kp", &runner, 0).status.success());
+    let alloc = w.agent.wait_running("kp", "vm", BOOT);
+    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let plugin = w.agent.plugin_pids();
+    w.agent.nomad_ok(&["job", "stop", "-detach", "kp"]);
+    // The stop request is on its way: kill the plugin as soon as it starts.
+    let tasks = w.state_dir.join("tasks");
+    wait_until("the stop to start", Duration::from_secs(30), Duration::from_millis(2), || {
+        let events = std::fs::read_dir(&tasks)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .and_then(|e| std::fs::read_to_string(e.path().join("events.jsonl")).ok())
+            .unwrap_or_default();
+        if events.contains("graceful shutdown") || pgrep("microvm@kp").is_empty() { Ok(()) } else { Err(events) }
+    });
+    kill(Pid::from_raw(plugin[0]), Signal::SIGKILL).unwrap();
+
+    wait_until(
+        "Nomad and the host to agree the VM is gone",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let a = w.agent.api(&format!("/v1/allocation/{alloc}"));
+            let vmm = pgrep("microvm@kp");
+            let sup = pgrep(&format!("supervise {}", tasks.display()));
+            if a["ClientStatus"] == "complete" && vmm.is_empty() && sup.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("alloc {} vmm {vmm:?} supervisors {sup:?}", a["ClientStatus"]))
+            }
+        },
+    );
+    let console = w.agent.alloc_logs(&alloc, "vm", false);
+    assert!(console.contains("microvm-test-guest: graceful shutdown"), "{console}");
+    wait_until("the task dir to be destroyed", Duration::from_secs(60), Duration::from_millis(500), || {
+        let n = std::fs::read_dir(&tasks).map(|d| d.count()).unwrap_or(0);
+        if n == 0 { Ok(()) } else { Err(format!("{n} task dirs")) }
+    });
+}
