@@ -4,6 +4,8 @@ let
   inherit (lib) mkOption mkEnableOption mkIf mkMerge mkDefault types literalExpression;
 
   plugin = import ./driver/plugin-config.nix;
+  front = import ./gitfront/config.nix;
+  toml = pkgs.formats.toml { };
 
   isServer = cfg.role != "client";
   isClient = cfg.role != "server";
@@ -15,15 +17,19 @@ let
 
   # services.nomad-microvm.driver.<name>: one option per plugin config key,
   # typed from driver/plugin-config.nix's table.
-  driverOptionType = o:
+  driverOptionType = name: o:
     let
       pattern = plugin.patternOf o.kind;
       scalar = if pattern == null then types.str else types.strMatching pattern;
+      base =
+        if o.kind == "bool" then types.bool
+        else if plugin.isList o.kind then types.listOf scalar
+        else if lib.hasPrefix "null" o.kind then types.nullOr scalar
+        else scalar;
     in
-    if o.kind == "bool" then types.bool
-    else if plugin.isList o.kind then types.listOf scalar
-    else if lib.hasPrefix "null" o.kind then types.nullOr scalar
-    else scalar;
+    # Exactly what render accepts (tests/e2e/nixos_module.rs checks the
+      # driver refuses what this refuses).
+    types.addCheck base (plugin.valid name);
 
   # Where a NixOS host knows better than the driver's built-in default.
   hostDefaults = {
@@ -51,11 +57,57 @@ let
 
   driverOptions = lib.mapAttrs
     (name: o: mkOption ({
-      type = driverOptionType o;
+      type = driverOptionType name o;
       inherit (o) default;
       description = "Plugin config key `${o.key}`: ${o.description}";
     } // (hostDefaults.${name} or { })))
     plugin.options;
+
+  # services.nomad-microvm.gitfront.settings.*: one option per key of
+  # gitfront.toml, typed from gitfront/config.nix's table.
+  frontOptionType = o:
+    let
+      pattern = front.patternOf o.kind;
+      str = if pattern == null then types.str else types.strMatching pattern;
+      base =
+        if o.kind == "uint" || o.kind == "positive" then types.ints.between (front.minOf o) (front.maxOf o)
+        else if o.kind == "argv" || o.kind == "nonEmptyList" then types.nonEmptyListOf str
+        else if o.kind == "nullPath" then secretFile
+        else str;
+    in
+    types.addCheck base (front.validLeaf o);
+
+  frontHostDefaults = {
+    binaryCache = {
+      default =
+        if cfg.cache.url == null then front.options.binaryCache.default
+        else if cfg.cache.signingKeyFile == null then cfg.cache.url
+        else "${cfg.cache.url}${if lib.hasInfix "?" cfg.cache.url then "&" else "?"}secret-key=${cfg.cache.signingKeyFile}";
+      defaultText = literalExpression "cache.url, with `secret-key=` cache.signingKeyFile when set";
+    };
+    path = {
+      default = lib.makeBinPath [ pkgs.git pkgs.gnutar pkgs.gzip pkgs.coreutils config.nix.package ];
+      defaultText = literalExpression "lib.makeBinPath [ pkgs.git pkgs.gnutar pkgs.gzip pkgs.coreutils config.nix.package ]";
+    };
+  };
+
+  frontOptions = path: opts: lib.mapAttrs
+    (name: o:
+      if front.isLeaf o then
+        mkOption
+          ({
+            type = frontOptionType o;
+            inherit (o) default;
+            description = "gitfront.toml `${lib.concatStringsSep "." (path ++ [ o.key ])}`: ${o.description}";
+          } // lib.optionalAttrs (path == [ ]) (frontHostDefaults.${name} or { }))
+      else frontOptions (path ++ [ name ]) o)
+    opts;
+
+  gitfrontExe = lib.getExe' cfg.gitfront.package "gitfront";
+  # The line of authorized_keys that lets `key` act as tenant `name`, and
+  # only through gitfront.
+  authorizedKey = name: key:
+    ''command="${gitfrontExe} --config /etc/gitfront.toml serve --user ${name}",restrict ${key}'';
 
   vmmUserIsName = builtins.match "[0-9]+" cfg.driver.vmmUser == null && cfg.driver.vmmUser != "root";
   vmmGroupIsName = builtins.match "[0-9]+" cfg.driver.vmmGroup == null;
@@ -192,8 +244,40 @@ in
         type = secretFile;
         default = null;
         example = "/run/keys/nix-cache.sec";
-        description = "Secret key (`nix key generate-secret`) gitfront signs what it pushes with. A path read at run time, readable by the gitfront user; never copied to the store.";
+        description = "Secret key (`nix key generate-secret`) gitfront signs what it pushes with (added to its `binaryCache` URL as `secret-key=`). A path read at run time, readable by the gitfront user; never copied to the store.";
       };
+    };
+
+    gitfront = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Accept `git push` of flakes over ssh on this node: each pushed branch names a host of the flake, whose runner is built, copied to the binary cache and run as a Nomad job.";
+      };
+      package = mkOption {
+        type = types.package;
+        default = pkgs.gitfront;
+        defaultText = literalExpression "pkgs.gitfront";
+        description = "The gitfront package.";
+      };
+      user = mkOption {
+        type = types.str;
+        default = "git";
+        description = "System user whose ssh logins run gitfront: tenants push to `<user>@<host>:<repo>`. It owns the repos, gitfront's state and a local binary cache.";
+      };
+      users = mkOption {
+        type = types.attrsOf (types.submodule {
+          options.sshKeys = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            description = "Public ssh keys of this tenant; each may only run gitfront as this tenant.";
+          };
+        });
+        default = { };
+        example = literalExpression ''{ alice.sshKeys = [ "ssh-ed25519 AAAA… alice@laptop" ]; }'';
+        description = "Tenants, by name (lower-case letters, digits and '-', starting with a letter, at most 32 bytes). Each has own repos and Nomad namespaces (`settings.nomad.namespace`).";
+      };
+      settings = frontOptions [ ] front.options;
     };
   };
 
@@ -208,7 +292,16 @@ in
           assertion = !(inStore cfg.cache.signingKeyFile);
           message = "services.nomad-microvm.cache.signingKeyFile must not be in the Nix store (it is world-readable there).";
         }
-      ];
+        {
+          assertion = !(inStore cfg.gitfront.settings.nomad.tokenFile);
+          message = "services.nomad-microvm.gitfront.settings.nomad.tokenFile must not be in the Nix store (it is world-readable there).";
+        }
+      ] ++ map
+        (name: {
+          assertion = builtins.match "[a-z][a-z0-9-]{0,31}" name != null;
+          message = "services.nomad-microvm.gitfront.users: ${name} is not a gitfront user name (lower-case letters, digits and '-', starting with a letter, at most 32 bytes).";
+        })
+        (builtins.attrNames cfg.gitfront.users);
 
       services.nomad = {
         enable = true;
@@ -292,6 +385,31 @@ in
       # Where networkd manages nothing else, its wait-online would wait for a
       # link that never comes online.
       systemd.network.wait-online.enable = mkIf (!config.networking.useNetworkd) (mkDefault false);
+    })
+
+    (mkIf cfg.gitfront.enable {
+      # What gitfront reads; no secret in it, only paths of secret files.
+      environment.etc."gitfront.toml".source = toml.generate "gitfront.toml" (front.render cfg.gitfront.settings);
+      environment.systemPackages = [ cfg.gitfront.package ];
+
+      users.users.${cfg.gitfront.user} = {
+        isSystemUser = true;
+        group = cfg.gitfront.user;
+        home = cfg.gitfront.settings.stateDir;
+        # sshd runs the forced command through the login shell.
+        shell = pkgs.bashInteractive;
+        openssh.authorizedKeys.keys = lib.concatLists (lib.mapAttrsToList
+          (name: tenant: map (authorizedKey name) tenant.sshKeys)
+          cfg.gitfront.users);
+      };
+      users.groups.${cfg.gitfront.user} = { };
+
+      systemd.tmpfiles.rules = [
+        "d ${cfg.gitfront.settings.stateDir} 0750 ${cfg.gitfront.user} ${cfg.gitfront.user} - -"
+        "d ${cfg.gitfront.settings.reposRoot} 0750 ${cfg.gitfront.user} ${cfg.gitfront.user} - -"
+      ];
+
+      services.openssh.enable = true;
     })
 
     (mkIf (cfg.cache.path != null) {

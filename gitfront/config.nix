@@ -28,7 +28,8 @@ let
   #   path, nullPath (null: key left out), storeUrl, searchPath, httpUrl,
   #   duration, namespace          strings of those shapes
   #   nonEmptyList                 a non-empty list of non-empty strings
-  #   argv                         a non-empty list of strings (an argv template)
+  #   argv                         a non-empty list of strings (an argv
+  #                                template using each of `required`)
   #   uint, positive               integers >= 0 / >= 1 (u32 unless `max` says)
   options = {
     reposRoot = {
@@ -95,18 +96,21 @@ let
     };
     build = {
       command = {
+        required = [ "{installable}" "{out_link}" ];
         key = "command";
         kind = "argv";
         default = [ "nix" "--extra-experimental-features" "nix-command flakes" "build" "--out-link" "{out_link}" "{installable}" ];
         description = "argv that builds a runner; placeholders `{installable}` and `{out_link}` (required), `{flake}`, `{attr}`.";
       };
       evalCommand = {
+        required = [ "{installable}" "{apply}" ];
         key = "eval_command";
         kind = "argv";
         default = [ "nix" "--extra-experimental-features" "nix-command flakes" "eval" "--json" "{installable}" "--apply" "{apply}" ];
         description = "argv that evaluates a host's settings; placeholders `{installable}` and `{apply}` (required), `{flake}`, `{attr}`.";
       };
       copyCommand = {
+        required = [ "{cache}" "{path}" ];
         key = "copy_command";
         kind = "argv";
         default = [ "nix" "--extra-experimental-features" "nix-command flakes" "copy" "--to" "{cache}" "{path}" ];
@@ -176,6 +180,9 @@ let
 
   isLeaf = o: o ? key;
 
+  # A placeholder as a regex: `{name}` -> `[{]name[}]`.
+  escape = builtins.replaceStrings [ "{" "}" ] [ "[{]" "[}]" ];
+
   patternOf = kind:
     {
       path = patterns.path;
@@ -198,7 +205,9 @@ let
   # type says, checked with builtins only).
   validLeaf = o: value:
     if o.kind == "uint" || o.kind == "positive" then builtins.isInt value && value >= minOf o && value <= maxOf o
-    else if o.kind == "argv" || o.kind == "nonEmptyList" then builtins.isList value && value != [ ] && builtins.all (matches o.kind) value
+    else if o.kind == "argv" || o.kind == "nonEmptyList" then
+      builtins.isList value && value != [ ] && builtins.all (matches o.kind) value
+      && builtins.all (ph: builtins.any (arg: builtins.match ".*${escape ph}.*" arg != null) value) (o.required or [ ])
     else if value == null then o.kind == "nullPath"
     else matches o.kind value;
 

@@ -216,7 +216,8 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text)
             .map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(source) })?;
-        let invalid = |key: &'static str, reason: String| ConfigError::Invalid { path: path.to_path_buf(), key, reason };
+        let invalid =
+            |key: &'static str, reason: String| ConfigError::Invalid { path: path.to_path_buf(), key, reason };
         let dur = |key: &'static str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
             match v {
                 None => Ok(default),
@@ -241,7 +242,10 @@ impl Config {
 
         let binary_cache = raw.binary_cache.unwrap_or(d.binary_cache);
         if !binary_cache.contains("://") {
-            return Err(invalid("binary_cache", format!("{binary_cache:?} is not a store URL (like file:///srv/cache)")));
+            return Err(invalid(
+                "binary_cache",
+                format!("{binary_cache:?} is not a store URL (like file:///srv/cache)"),
+            ));
         }
         let exec_path = raw.path.unwrap_or(d.path);
         if exec_path.is_empty() || exec_path.split(':').any(|p| !p.starts_with('/')) {
@@ -284,7 +288,12 @@ impl Config {
             if argv.is_empty() || argv[0].is_empty() {
                 return Err(invalid(key, "must name a program".into()));
             }
-            check_template(&argv.join(" "), allowed, required).map_err(|r| invalid(key, r))?;
+            let mut joined = argv.join(" ");
+            // `{flake}#{attr}` spells out what `{installable}` is.
+            if joined.contains("{flake}") && joined.contains("{attr}") {
+                joined.push_str(" {installable}");
+            }
+            check_template(&joined, allowed, required).map_err(|r| invalid(key, r))?;
             Ok(argv)
         };
         let build = BuildConfig {
@@ -402,7 +411,9 @@ impl Config {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("namespace {namespace:?} (from `nomad.namespace`) is not a valid Nomad namespace: letters, digits and '-', at most 128")]
+#[error(
+    "namespace {namespace:?} (from `nomad.namespace`) is not a valid Nomad namespace: letters, digits and '-', at most 128"
+)]
 pub struct NamespaceError {
     pub namespace: String,
 }
@@ -422,6 +433,9 @@ fn check_template(template: &str, allowed: &[&str], required: &[&str]) -> Result
         rest = &rest[start + len + 1..];
     }
     if let Some(missing) = required.iter().find(|r| !template.contains(*r)) {
+        if *missing == "{installable}" {
+            return Err("must use {installable} (or {flake}#{attr})".into());
+        }
         return Err(format!("must use {missing}"));
     }
     Ok(())
@@ -531,7 +545,10 @@ max_mem = 1024
             ("[nomad]\nrequest_timeout = \"0s\"", "`nomad.request_timeout`: must be longer than 0s"),
             ("[build]\ncommand = [\"nix\", \"build\", \"{installable}\"]", "`build.command`: must use {out_link}"),
             ("[build]\ncommand = []", "`build.command`: must name a program"),
-            ("[build]\neval_command = [\"nix\", \"eval\", \"{installable}\"]", "`build.eval_command`: must use {apply}"),
+            (
+                "[build]\neval_command = [\"nix\", \"eval\", \"{installable}\"]",
+                "`build.eval_command`: must use {apply}",
+            ),
             ("[build]\ncopy_command = [\"nix\", \"copy\", \"{path}\"]", "`build.copy_command`: must use {cache}"),
             ("[build]\ntimeout = \"30\"", "`build.timeout`: \"30\" is not a duration"),
             ("[job]\ncpu_per_vcpu = 0", "`job.cpu_per_vcpu`: must be at least 1"),
@@ -565,7 +582,8 @@ max_mem = 1024
 
     #[test]
     fn expand_replaces_each_placeholder_once() {
-        let t: Vec<String> = ["nix", "build", "{flake}#{attr}", "-o", "{out_link}", "{unknown}"].map(String::from).into();
+        let t: Vec<String> =
+            ["nix", "build", "{flake}#{attr}", "-o", "{out_link}", "{unknown}"].map(String::from).into();
         let got = expand(&t, &[("{flake}", "path:/x/{attr}"), ("{attr}", "a.b"), ("{out_link}", "/r")]);
         assert_eq!(got, ["nix", "build", "path:/x/{attr}#a.b", "-o", "/r", "{unknown}"]);
     }

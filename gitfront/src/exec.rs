@@ -210,8 +210,8 @@ mod tests {
 
     #[test]
     fn missing_program_is_named() {
-        let e = run(clean_command("no-such-program-xyz", "/usr/bin"), Stdout::Merge, Duration::from_secs(1))
-            .unwrap_err();
+        let e =
+            run(clean_command("no-such-program-xyz", "/usr/bin"), Stdout::Merge, Duration::from_secs(1)).unwrap_err();
         assert_eq!(e.to_string(), "cannot start no-such-program-xyz");
     }
 }

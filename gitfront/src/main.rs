@@ -1,5 +1,7 @@
-//! Placeholder until the gitfront issue: refuses everything with a clear reason.
-fn main() {
-    eprintln!("gitfront: not implemented yet");
-    std::process::exit(1);
+//! `gitfront`: see `gitfront --help` and gitfront/README.md.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    gitfront::cli::run(gitfront::cli::Cli::parse())
 }

@@ -316,3 +316,262 @@ fn nomad_agent_loads_the_plugin_block_the_module_writes() {
     assert_eq!(config["default_stop_timeout"], "1m30s", "{config}");
     assert_eq!(config["allowed_bridges"], serde_json::json!(["br-lab", "br-dmz"]), "{config}");
 }
+
+// ---------------------------------------------------------------------------
+// gitfront's TOML config
+
+/// Every gitfront option set, each to something other than its default, in
+/// the canonical forms `gitfront check-config` prints back.
+const FRONT_SAMPLE: &str = r#"{
+  reposRoot = "/srv/git";
+  stateDir = "/srv/gitfront";
+  binaryCache = "file:///srv/cache?secret-key=/run/keys/cache.sec";
+  path = "/opt/git/bin:/opt/nix/bin";
+  nomad = {
+    address = "http://10.0.0.1:4646";
+    tokenFile = "/run/keys/nomad-token";
+    datacenters = [ "dc1" "dc2" ];
+    namespace = "t-{user}-{repo}";
+    requestTimeout = "5s";
+    deployTimeout = "2m";
+  };
+  build = {
+    command = [ "nix" "build" "-L" "--out-link" "{out_link}" "{installable}" ];
+    evalCommand = [ "nix" "eval" "--json" "{installable}" "--apply" "{apply}" "--show-trace" ];
+    copyCommand = [ "nix" "copy" "-v" "--to" "{cache}" "{path}" ];
+    timeout = "10m";
+    logTailLines = 5;
+  };
+  job = {
+    cpuPerVcpu = 500;
+    memoryOverhead = 32;
+    killTimeout = "20s";
+    stopOnClientAfter = "45s";
+  };
+  limits = {
+    maxPushBytes = 1000;
+    maxVcpu = 2;
+    maxMem = 1024;
+  };
+}"#;
+
+/// `nix-instantiate --eval` with `g` = gitfront/config.nix.
+fn front_eval(expr: &str) -> serde_json::Value {
+    nix_eval(&format!("let g = import ./gitfront/config.nix; in {expr}"))
+}
+
+fn front_eval_err(expr: &str) -> String {
+    nix_eval_err(&format!("let g = import ./gitfront/config.nix; in {expr}"))
+}
+
+/// The TOML the module writes for these rendered values (pkgs.formats.toml
+/// does the same conversion from the JSON-shaped attrset).
+fn to_toml(rendered: &serde_json::Value) -> String {
+    let value: toml::Value = serde_json::from_value(rendered.clone()).expect("rendered config as TOML");
+    toml::to_string(&value).expect("TOML text")
+}
+
+/// `gitfront check-config FILE`: `None` while gitfront has no such mode yet,
+/// else Ok(the effective config as TOML) or Err(its error).
+fn gitfront_check_config(toml_text: &str) -> Option<Result<toml::Value, String>> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("gitfront.toml");
+    std::fs::write(&file, toml_text).expect("write gitfront.toml");
+    let out = run(Command::new(microvm_e2e::bins::gitfront_bin()).arg("check-config").arg(&file));
+    let stderr = text(&out.stderr);
+    if stderr.contains("not implemented yet") {
+        return None;
+    }
+    Some(if out.status.success() {
+        Ok(toml::from_str(&text(&out.stdout))
+            .unwrap_or_else(|e| panic!("gitfront check-config printed no TOML ({e}):\n{}", text(&out.stdout))))
+    } else {
+        Err(stderr)
+    })
+}
+
+/// Dotted keys of a TOML document (`nomad.token_file`, …).
+fn dotted_keys(value: &toml::Value) -> BTreeSet<String> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeSet<String>) {
+        match v.as_table() {
+            Some(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&key, v, out);
+                }
+            }
+            None => {
+                out.insert(prefix.to_string());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk("", value, &mut out);
+    out
+}
+
+#[test]
+fn gitfront_options_render_exactly_what_gitfront_accepts() {
+    let same: Vec<serde_json::Value> = serde_json::from_value(front_eval(&format!(
+        "builtins.filter (path: g.optionAt path != null && (builtins.foldl' (v: n: v.${{n}}) ({FRONT_SAMPLE}) path) \
+         == (builtins.foldl' (v: n: v.${{n}}) g.defaults path)) g.names"
+    )))
+    .unwrap();
+    assert!(same.is_empty(), "FRONT_SAMPLE leaves these at their defaults: {same:?}");
+
+    let rendered = front_eval(&format!("g.render {FRONT_SAMPLE}"));
+    let written: toml::Value = toml::from_str(&to_toml(&rendered)).unwrap();
+    let Some(effective) = gitfront_check_config(&to_toml(&rendered)) else {
+        eprintln!("SKIPPED gitfront_options_render_exactly_what_gitfront_accepts: gitfront has no check-config yet");
+        return;
+    };
+    let effective = effective.unwrap_or_else(|e| panic!("gitfront refuses what the module writes: {e}"));
+    let module_keys: BTreeSet<String> = serde_json::from_value(front_eval("g.keys")).unwrap();
+    let gitfront_keys = dotted_keys(&effective);
+    let missing: Vec<_> = gitfront_keys.difference(&module_keys).collect();
+    let unknown: Vec<_> = module_keys.difference(&gitfront_keys).collect();
+    assert!(missing.is_empty(), "gitfront keys with no option in gitfront/config.nix: {missing:?}");
+    assert!(unknown.is_empty(), "gitfront/config.nix writes keys gitfront does not know: {unknown:?}");
+    // Every value was taken as written.
+    assert_eq!(effective, written, "gitfront's effective config differs from what the module wrote");
+}
+
+#[test]
+fn gitfront_module_defaults_are_gitfront_defaults() {
+    let rendered = front_eval("g.render g.defaults");
+    let Some(from_nix) = gitfront_check_config(&to_toml(&rendered)) else {
+        eprintln!("SKIPPED gitfront_module_defaults_are_gitfront_defaults: gitfront has no check-config yet");
+        return;
+    };
+    let from_nix = from_nix.expect("defaults accepted");
+    let gitfront = gitfront_check_config("").expect("check-config").expect("empty file accepted");
+    assert_eq!(from_nix, gitfront, "gitfront/config.nix's defaults differ from gitfront/src/config.rs's");
+}
+
+#[test]
+fn gitfront_option_types_refuse_what_gitfront_refuses() {
+    let cases = [
+        (r#"[ "reposRoot" ]"#, r#""repos""#),
+        (r#"[ "binaryCache" ]"#, r#""/srv/cache""#),
+        (r#"[ "path" ]"#, r#""bin:/usr/bin""#),
+        (r#"[ "nomad" "address" ]"#, r#""https://n:4646""#),
+        (r#"[ "nomad" "address" ]"#, r#""127.0.0.1:4646""#),
+        (r#"[ "nomad" "tokenFile" ]"#, r#""token""#),
+        (r#"[ "nomad" "datacenters" ]"#, "[ ]"),
+        (r#"[ "nomad" "namespace" ]"#, r#""{user}""#),
+        (r#"[ "nomad" "deployTimeout" ]"#, r#""soon""#),
+        (r#"[ "build" "timeout" ]"#, r#""30""#),
+        (r#"[ "build" "command" ]"#, "[ ]"),
+        (r#"[ "build" "command" ]"#, r#"[ "nix" "build" "{installable}" ]"#),
+        (r#"[ "build" "copyCommand" ]"#, r#"[ "nix" "copy" "{path}" ]"#),
+        (r#"[ "job" "cpuPerVcpu" ]"#, "0"),
+        (r#"[ "limits" "maxVcpu" ]"#, "0"),
+        (r#"[ "limits" "maxPushBytes" ]"#, "0"),
+    ];
+    for (path, value) in cases {
+        let v = front_eval(&format!(
+            "let path = {path}; set = p: v: vals: if builtins.length p == 1 then vals // {{ ${{builtins.head p}} = v; }} \
+             else vals // {{ ${{builtins.head p}} = set (builtins.tail p) v vals.${{builtins.head p}}; }}; \
+             values = set path ({value}) g.defaults; \
+             in {{ ok = g.valid path ({value}); toml = builtins.tryEval (builtins.deepSeq (g.render values) true); }}"
+        ));
+        assert_eq!(v["ok"], false, "the module's type for {path} accepts {value}");
+        assert_eq!(v["toml"]["success"], false, "render writes {path} = {value}");
+        // gitfront refuses the same value, naming the key.
+        let key: String = serde_json::from_value(front_eval(&format!(
+            "let path = {path}; in builtins.concatStringsSep \".\" ((builtins.genList (i: builtins.elemAt path i) \
+             (builtins.length path - 1)) ++ [ (g.optionAt path).key ])"
+        )))
+        .unwrap();
+        let json_value = front_eval(&format!("{value}"));
+        let mut doc = serde_json::json!({});
+        let (section, leaf) = key.rsplit_once('.').map(|(s, l)| (Some(s), l)).unwrap_or((None, key.as_str()));
+        match section {
+            Some(s) => doc[s] = serde_json::json!({ leaf: json_value }),
+            None => doc[leaf] = json_value,
+        }
+        let Some(result) = gitfront_check_config(&to_toml(&doc)) else {
+            eprintln!(
+                "SKIPPED the gitfront side of gitfront_option_types_refuse_what_gitfront_refuses: no check-config yet"
+            );
+            return;
+        };
+        let err = result.expect_err(&format!("gitfront accepts {key} = {value}, the module refuses it"));
+        assert!(err.contains(leaf), "{key} = {value}: {err}");
+    }
+}
+
+#[test]
+fn gitfront_render_refuses_missing_and_unknown_options() {
+    let err = front_eval_err("g.render (g.defaults // { nomad = removeAttrs g.defaults.nomad [ \"address\" ]; })");
+    assert!(err.contains("missing gitfront options in nomad: address"), "{err}");
+    let err = front_eval_err("g.render (g.defaults // { repoRoot = \"/srv\"; })");
+    assert!(err.contains("not gitfront options: repoRoot"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// Secrets: only paths of files, never values
+
+/// Names that suggest a secret value.
+fn secretish(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["secret", "token", "password", "passwd", "credential", "private", "signing"].iter().any(|w| n.contains(w))
+        || (n.contains("key") && !n.contains("public") && !n.contains("ssh"))
+}
+
+/// `(option name, its declaration)` for every `mkOption` in nixos-module.nix.
+fn module_option_decls() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_root().join("nixos-module.nix")).expect("read nixos-module.nix");
+    let lines: Vec<&str> = text.lines().collect();
+    let mut decls = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some((lhs, _)) = line.trim().split_once(" = mkOption") else { continue };
+        let name = lhs.rsplit('.').next().unwrap_or(lhs).to_string();
+        // The declaration: up to the line closing it at the same indent.
+        let indent = line.len() - line.trim_start().len();
+        let end = lines[i + 1..]
+            .iter()
+            .position(|l| l.len() - l.trim_start().len() == indent && l.trim_start().starts_with('}'))
+            .map_or(lines.len(), |p| i + 1 + p);
+        decls.push((name, lines[i..=end.min(lines.len() - 1)].join("\n")));
+    }
+    assert!(decls.len() > 20, "found only {} options in nixos-module.nix", decls.len());
+    decls
+}
+
+#[test]
+fn secrets_are_taken_as_file_paths_only() {
+    // Options the module declares itself.
+    for (name, decl) in module_option_decls() {
+        if secretish(&name) {
+            assert!(name.ends_with("File"), "option {name} looks like a secret: take a file path (`{name}File`)");
+            assert!(decl.contains("type = secretFile"), "{name} must use the secretFile type:\n{decl}");
+        }
+    }
+    // Options generated from the two tables.
+    let driver: Vec<String> = serde_json::from_value(nix_eval("p.names")).unwrap();
+    let front: Vec<Vec<String>> = serde_json::from_value(front_eval("g.names")).unwrap();
+    for name in driver {
+        assert!(!secretish(&name), "driver option {name} looks like a secret: the driver takes none");
+    }
+    for path in front {
+        let name = path.last().unwrap();
+        if secretish(name) {
+            assert!(name.ends_with("File"), "gitfront option {name} looks like a secret: take a file path");
+            let kind =
+                front_eval(&format!("(g.optionAt {}).kind", serde_json::to_string(&path).unwrap().replace(',', " ")));
+            assert!(kind == "nullPath" || kind == "path", "gitfront option {name} is a {kind}, not a path");
+        }
+    }
+    // TOML keys gitfront reads: a secret comes as `<name>_file`.
+    let keys: Vec<String> = serde_json::from_value(front_eval("g.keys")).unwrap();
+    for key in keys {
+        let leaf = key.rsplit('.').next().unwrap();
+        if secretish(leaf) {
+            assert!(leaf.ends_with("_file"), "gitfront.toml key {key} looks like a secret value");
+        }
+    }
+    // And the module itself states the rule for each such option.
+    let module = std::fs::read_to_string(repo_root().join("nixos-module.nix")).unwrap();
+    assert!(module.contains("never copied to the store"), "the secret options' descriptions say how they are read");
+}
