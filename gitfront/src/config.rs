@@ -22,12 +22,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}", path.display())]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
+    #[error("{}: line {line}: {message} (at `{text}`)", path.display())]
+    Parse { path: PathBuf, line: usize, text: String, message: String },
     #[error("{}: `{key}`: {reason}", path.display())]
     Invalid { path: PathBuf, key: &'static str, reason: String },
 }
@@ -214,8 +210,14 @@ impl Config {
 
     /// Parses `text` (named `path` in messages).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(source) })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's own Display is a multi-line snippet; the message plus the
+            // offending line (which names the key) reads better in one line.
+            let start = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            let line_text = text.lines().nth(line - 1).unwrap_or("").trim().to_string();
+            ConfigError::Parse { path: path.to_path_buf(), line, text: line_text, message: e.message().to_string() }
+        })?;
         let invalid =
             |key: &'static str, reason: String| ConfigError::Invalid { path: path.to_path_buf(), key, reason };
         let dur = |key: &'static str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
@@ -564,7 +566,10 @@ max_mem = 1024
         let e = parse("[nomad]\nadress = \"http://x\"").unwrap_err();
         assert!(e.contains("adress"), "{e}");
         let e = parse("[limits]\nmax_vcpu = \"two\"").unwrap_err();
-        assert!(e.contains("max_vcpu"), "{e}");
+        assert_eq!(
+            e,
+            "/etc/gitfront.toml: line 2: invalid type: string \"two\", expected u32 (at `max_vcpu = \"two\"`)"
+        );
         let e = parse("repos = 1").unwrap_err();
         assert!(e.contains("repos"), "{e}");
     }
