@@ -103,11 +103,14 @@ let
       else frontOptions (path ++ [ name ]) o)
     opts;
 
-  gitfrontExe = lib.getExe' cfg.gitfront.package "gitfront";
-  # The line of authorized_keys that lets `key` act as tenant `name`, and
-  # only through gitfront.
-  authorizedKey = name: key:
-    ''command="${gitfrontExe} --config /etc/gitfront.toml serve --user ${name}",restrict ${key}'';
+  # The authorized_keys line that lets `key` act as tenant `name`, and only
+  # through gitfront.
+  authorizedKey = name: key: front.authorizedKey {
+    gitfront = lib.getExe' cfg.gitfront.package "gitfront";
+    configFile = "/etc/gitfront.toml";
+    user = name;
+    inherit key;
+  };
 
   vmmUserIsName = builtins.match "[0-9]+" cfg.driver.vmmUser == null && cfg.driver.vmmUser != "root";
   vmmGroupIsName = builtins.match "[0-9]+" cfg.driver.vmmGroup == null;
@@ -268,7 +271,7 @@ in
       users = mkOption {
         type = types.attrsOf (types.submodule {
           options.sshKeys = mkOption {
-            type = types.listOf types.str;
+            type = types.listOf (types.addCheck types.str front.validKey);
             default = [ ];
             description = "Public ssh keys of this tenant; each may only run gitfront as this tenant.";
           };

@@ -260,12 +260,40 @@ let
     in
     toToml options checked;
 
+  # Public key types gitfront accepts in authorized_keys (gitfront/src/keys.rs).
+  keyTypes = [
+    "ssh-ed25519"
+    "ssh-rsa"
+    "ecdsa-sha2-nistp256"
+    "ecdsa-sha2-nistp384"
+    "ecdsa-sha2-nistp521"
+    "sk-ssh-ed25519@openssh.com"
+    "sk-ecdsa-sha2-nistp256@openssh.com"
+  ];
+
+  # One public key line (`<type> <base64> [comment]`), without options.
+  validKey = key:
+    let m = builtins.match "([^ ]+) +([A-Za-z0-9+/=]+)( +([^\"[:cntrl:]]*))?" key;
+    in m != null && builtins.elem (builtins.head m) keyTypes;
+
+  # The authorized_keys line that lets `key` act as `user`, and only through
+  # gitfront, exactly as `gitfront authorized-key` writes it.
+  authorizedKey = { gitfront, configFile, user, key }:
+    let
+      quote = s: "'${builtins.replaceStrings [ "'" ] [ "'\\''" ] s}'";
+      m = builtins.match "([^ ]+) +([^ ]+)( +(.*[^ ]))? *" key;
+      comment = builtins.elemAt m 3;
+    in
+    ''command="${quote gitfront} serve --config ${quote configFile} --user ${user}",restrict ''
+    + "${builtins.elemAt m 0} ${builtins.elemAt m 1}${if comment == null then "" else " ${comment}"}";
+
   defaults =
     let d = opts: builtins.mapAttrs (_: o: if isLeaf o then o.default else d o) opts;
     in d options;
 in
 {
   inherit options patterns patternOf isLeaf names optionAt validLeaf render defaults u32max maxOf minOf;
+  inherit keyTypes validKey authorizedKey;
   valid = path: validLeaf (optionAt path);
   # The TOML keys (dotted, section first) for comparing with gitfront's.
   keys = map (path: builtins.concatStringsSep "." ((builtins.genList (i: builtins.elemAt path i) (builtins.length path - 1)) ++ [ (optionAt path).key ])) names;

@@ -90,8 +90,17 @@ pub struct ExitRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Ready {
-    Started { pids: Pids },
-    Failed { error: String },
+    Started {
+        pids: Pids,
+        /// Milliseconds until every virtiofsd socket existed, and to spawn the VMM.
+        #[serde(default)]
+        virtiofsd_ms: u64,
+        #[serde(default)]
+        exec_ms: u64,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// A notable step, forwarded to Nomad as a task event.

@@ -165,6 +165,7 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
     let env = spec.env.clone();
     let identity = ChildIdentity::new(spec.vmm_uid, spec.vmm_gid, &spec.vmm_groups);
 
+    let t0 = std::time::Instant::now();
     let mut shares = match virtiofsd::start_all(&spec.virtiofsd, &spec.work_dir, &spec.task_dir, &env).await {
         Ok(v) => v,
         Err(e) => {
@@ -177,6 +178,7 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
         events.emit(format!("virtiofsd ready for share(s) {}", tags.join(", ")));
     }
 
+    let virtiofsd_ms = t0.elapsed().as_millis() as u64;
     let control_path = spec.task_dir.join(protocol::CONTROL_SOCKET);
     let _ = std::fs::remove_file(&control_path);
     let listener = match UnixListener::bind(&control_path) {
@@ -188,6 +190,7 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
         }
     };
 
+    let t1 = std::time::Instant::now();
     let mut vmm = match spawn_vmm(&spec, &identity) {
         Ok(c) => c,
         Err(e) => {
@@ -220,7 +223,8 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
     let pids =
         Pids { supervisor: ProcessId::of(std::process::id() as i32), vmm: Some(vmm_id), virtiofsd: share_ids.clone() };
     let _ = protocol::write_atomic(&spec.task_dir, protocol::PIDS_FILE, &pids);
-    send_ready(ready, &Ready::Started { pids });
+    let exec_ms = t1.elapsed().as_millis() as u64;
+    send_ready(ready, &Ready::Started { pids, virtiofsd_ms, exec_ms });
     events.emit(format!("VM started (microvm-run pid {})", vmm_id.pid));
 
     let pumps = [

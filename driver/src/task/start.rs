@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use microvm_proto::drivers::TaskConfig as ProtoTaskConfig;
 
@@ -60,6 +60,7 @@ async fn prepare(
     paths: &TaskPaths,
     undo: &mut Undo,
 ) -> Result<DriverState, TaskError> {
+    let started = Instant::now();
     // 1. The runner, fetched if this node does not have it, and confined.
     check_runner_root(&cfg.runner, config)?;
     if std::fs::symlink_metadata(&cfg.runner).is_err() {
@@ -73,6 +74,7 @@ async fn prepare(
     check_runner_root(&resolved, config)?;
     let runner = Runner::read(&resolved).map_err(|source| TaskError::Runner { path: cfg.runner.clone(), source })?;
 
+    let runner_ms = started.elapsed().as_millis() as u64;
     // 2. Checks that need no side effects.
     let (uid, gid) = vmm_identity(config)?;
     let bridge = bridge_for(cfg, config, tasks)?;
@@ -114,6 +116,7 @@ async fn prepare(
     undo.paths.extend(gcroot.clone());
 
     // 4. Interfaces: stale ones (no live owner, we hold the claim) go first.
+    let taps_started = Instant::now();
     for name in &runner.taps {
         recreate(tasks, name, undo, |net| {
             net.create_tap(&TapSpec {
@@ -141,6 +144,7 @@ async fn prepare(
         })?;
     }
 
+    let taps_ms = taps_started.elapsed().as_millis() as u64;
     // 5. The supervisor boots the VM.
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let nofile = crate::supervisor::identity::virtiofsd_nofile();
@@ -188,7 +192,19 @@ async fn prepare(
     };
     protocol::write_atomic(&paths.task_dir, protocol::SPEC_FILE, &spec)
         .map_err(TaskError::io("write the launch spec"))?;
-    let pids = spawn_supervisor(&tasks.self_exe, &paths.task_dir).await?;
+    let spawn_started = Instant::now();
+    let (pids, virtiofsd_ms, exec_ms) = spawn_supervisor(&tasks.self_exe, &paths.task_dir).await?;
+    // One line per start with where the time went (read by bench/).
+    tracing::info!(
+        task_id = %task.id,
+        runner_ms = runner_ms,
+        taps_ms = taps_ms,
+        supervisor_ms = spawn_started.elapsed().as_millis() as u64,
+        virtiofsd_ms,
+        exec_ms,
+        total_ms = started.elapsed().as_millis() as u64,
+        "task started"
+    );
 
     Ok(DriverState {
         task_dir: paths.task_dir.clone(),
@@ -422,7 +438,8 @@ fn vmm_env(task: &ProtoTaskConfig, work_dir: &Path) -> Vec<(String, String)> {
     env
 }
 
-async fn spawn_supervisor(self_exe: &Path, task_dir: &Path) -> Result<protocol::Pids, TaskError> {
+/// Spawns the supervisor; returns its pids and its virtiofsd and exec times.
+async fn spawn_supervisor(self_exe: &Path, task_dir: &Path) -> Result<(protocol::Pids, u64, u64), TaskError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -445,7 +462,7 @@ async fn spawn_supervisor(self_exe: &Path, task_dir: &Path) -> Result<protocol::
         .map_err(TaskError::io("wait for the supervisor"))?;
     let line = String::from_utf8_lossy(&out.stdout);
     match serde_json::from_str::<Ready>(line.lines().next().unwrap_or("")) {
-        Ok(Ready::Started { pids }) => Ok(pids),
+        Ok(Ready::Started { pids, virtiofsd_ms, exec_ms }) => Ok((pids, virtiofsd_ms, exec_ms)),
         Ok(Ready::Failed { error }) => Err(TaskError::Boot(error)),
         Err(_) => {
             // The task dir goes away with the failed start: keep the log's tail.
