@@ -28,8 +28,10 @@ let
   #   path, nullPath (null: key left out), storeUrl, searchPath, httpUrl,
   #   duration, namespace          strings of those shapes
   #   nonEmptyList                 a non-empty list of non-empty strings
-  #   argv                         a non-empty list of strings (an argv
-  #                                template using each of `required`)
+  #   argv                         a non-empty list of strings: an argv
+  #                                template using each of `required` and
+  #                                no placeholder outside `allowed`
+  #                                (`{flake}#{attr}` stands for `{installable}`)
   #   uint, positive               integers >= 0 / >= 1 (u32 unless `max` says)
   options = {
     reposRoot = {
@@ -96,6 +98,7 @@ let
     };
     build = {
       command = {
+        allowed = [ "{installable}" "{out_link}" "{flake}" "{attr}" ];
         required = [ "{installable}" "{out_link}" ];
         key = "command";
         kind = "argv";
@@ -103,6 +106,7 @@ let
         description = "argv that builds a runner; placeholders `{installable}` and `{out_link}` (required), `{flake}`, `{attr}`.";
       };
       evalCommand = {
+        allowed = [ "{installable}" "{apply}" "{flake}" "{attr}" ];
         required = [ "{installable}" "{apply}" ];
         key = "eval_command";
         kind = "argv";
@@ -110,6 +114,7 @@ let
         description = "argv that evaluates a host's settings; placeholders `{installable}` and `{apply}` (required), `{flake}`, `{attr}`.";
       };
       copyCommand = {
+        allowed = [ "{cache}" "{path}" ];
         required = [ "{cache}" "{path}" ];
         key = "copy_command";
         kind = "argv";
@@ -201,13 +206,23 @@ let
 
   matches = kind: v: builtins.isString v && (patternOf kind == null || builtins.match (patternOf kind) v != null);
 
+  # An argv template's placeholders, as gitfront checks them.
+  argvOk = o: argv:
+    let
+      joined = builtins.concatStringsSep " " argv;
+      has = ph: builtins.match ".*${escape ph}.*" joined != null;
+      present = ph: has ph || (ph == "{installable}" && has "{flake}" && has "{attr}");
+      used = map builtins.head (builtins.filter builtins.isList (builtins.split "([{][^}]*[}])" joined));
+    in
+    builtins.all present o.required && builtins.all (ph: builtins.elem ph o.allowed) used;
+
   # Whether `value` is acceptable for the leaf option `o` (what the module's
   # type says, checked with builtins only).
   validLeaf = o: value:
     if o.kind == "uint" || o.kind == "positive" then builtins.isInt value && value >= minOf o && value <= maxOf o
     else if o.kind == "argv" || o.kind == "nonEmptyList" then
       builtins.isList value && value != [ ] && builtins.all (matches o.kind) value
-      && builtins.all (ph: builtins.any (arg: builtins.match ".*${escape ph}.*" arg != null) value) (o.required or [ ])
+      && (o.kind != "argv" || argvOk o value)
     else if value == null then o.kind == "nullPath"
     else matches o.kind value;
 
