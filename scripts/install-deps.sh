@@ -9,6 +9,7 @@
 #  - the VMM user and group microvm.nix uses: microvm:kvm
 #  - the Rust virtiofsd (cargo install, cached in ~/.cache/nomad-microvm)
 #  - the real Nomad agent, built from Go modules (tests/nomad-peer, cached)
+#  - nixpkgs-fmt (cargo install, cached) for the .nix files' format check
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -32,3 +33,10 @@ id -u microvm >/dev/null 2>&1 || useradd --system --gid kvm --no-create-home --s
 
 tests/runner/install-virtiofsd.sh >/dev/null
 tests/nomad-peer/build.sh >/dev/null
+
+# nixpkgs-fmt (crates.io) checks the .nix files' format (tests/e2e/nixos_module.rs).
+nixfmt=$HOME/.cache/nomad-microvm/nixpkgs-fmt
+if [[ ! -x $nixfmt/bin/nixpkgs-fmt ]]; then
+	CARGO_TARGET_DIR=$nixfmt/build cargo install --locked nixpkgs-fmt --version 1.3.0 --root "$nixfmt" >&2
+	rm -rf "$nixfmt/build"
+fi
