@@ -1,3 +1,149 @@
+# ## NixOS
+#
+# `nixos-module.nix` (the flake's `nixosModules.default`) makes a NixOS host a
+# node of a microVM cluster: the Nomad agent (run as root: the driver creates
+# taps) with `nomad-driver-microvm` in its plugin dir and the
+# `plugin "nomad-driver-microvm"` block written from typed options, the kernel
+# modules, the VMM user, a bridge for the VMs (systemd-networkd), the binary
+# cache and, on the nodes you choose, gitfront behind sshd.
+#
+# Nomad is BUSL-licensed, which nixpkgs counts as unfree: allow it
+# (`nixpkgs.config.allowUnfreePredicate = pkg: lib.getName pkg == "nomad";`).
+#
+# ### One server that is its own cluster
+#
+# ```nix
+# { lib, ... }: {
+#   imports = [ nomad-microvm.nixosModules.default ];   # the flake input
+#   nixpkgs.config.allowUnfreePredicate = pkg: lib.getName pkg == "nomad";
+#   boot.kernelModules = [ "kvm-intel" ];               # or kvm-amd
+#   services.nomad-microvm = {
+#     enable = true;                                    # role "both", no other servers
+#     bridge = { enable = true; addresses = [ "192.168.100.1/24" ]; };
+#     gitfront = {
+#       enable = true;
+#       users.alice.sshKeys = [ "ssh-ed25519 AAAA… alice@laptop" ];
+#     };
+#   };
+# }
+# ```
+#
+# alice then deploys `nixosConfigurations.web` of her flake with
+# `git push git@server:fleet HEAD:web`; its VM's taps join `vmbr0`.
+#
+# ### Three nodes
+#
+# Every node is server and client; the binary cache is a directory all three
+# mount (NFS, CephFS, …); n1 also runs gitfront and signs what it pushes.
+#
+# ```nix
+# let
+#   node = name: address: { lib, ... }: {
+#     imports = [ nomad-microvm.nixosModules.default ./hardware/${name}.nix ];
+#     nixpkgs.config.allowUnfreePredicate = pkg: lib.getName pkg == "nomad";
+#     networking.hostName = name;
+#     services.nomad-microvm = {
+#       enable = true;
+#       servers = [ "10.0.0.1" "10.0.0.2" "10.0.0.3" ];  # bootstrapExpect = 3
+#       openFirewall = true;
+#       bridge = {
+#         enable = true;
+#         interfaces = [ "eno1" ];                       # VMs share the LAN
+#         addresses = [ "${address}/24" ];
+#       };
+#       cache = {
+#         path = "/mnt/shared/nix-cache";
+#         publicKeys = [ "cluster-cache-1:…" ];          # nodes accept only signed runners
+#         signingKeyFile = "/run/keys/cluster-cache.sec"; # used where gitfront runs
+#       };
+#       gitfront = lib.mkIf (name == "n1") {
+#         enable = true;
+#         users.alice.sshKeys = [ "ssh-ed25519 AAAA… alice@laptop" ];
+#         settings.nomad.tokenFile = "/run/keys/gitfront-nomad-token";  # with Nomad ACLs
+#       };
+#     };
+#     systemd.network.networks."40-vmbr0".gateway = [ "10.0.0.254" ];
+#   };
+# in {
+#   nixosConfigurations = {
+#     n1 = nixpkgs.lib.nixosSystem { system = "x86_64-linux"; modules = [ (node "n1" "10.0.0.1") ]; };
+#     n2 = nixpkgs.lib.nixosSystem { system = "x86_64-linux"; modules = [ (node "n2" "10.0.0.2") ]; };
+#     n3 = nixpkgs.lib.nixosSystem { system = "x86_64-linux"; modules = [ (node "n3" "10.0.0.3") ]; };
+#   };
+# }
+# ```
+#
+# Secrets are never options' values: options that need one take the path of
+# a file read at run time (`cache.signingKeyFile`, `gitfront.settings.nomad.tokenFile`),
+# refuse Nix path literals (which would copy the file into the store) and
+# store paths, and must be readable by the gitfront user. Nomad's own secrets
+# (gossip key, ACL and TLS settings) go through `services.nomad.credentials`
+# or `services.nomad.extraSettingsPaths`.
+#
+# ### Options (`services.nomad-microvm.*`)
+#
+# | option | default | meaning |
+# | --- | --- | --- |
+# | `enable` | `false` | the Nomad agent with the driver on this host |
+# | `package` | this flake's `nomad-driver-microvm` | the plugin; its `bin/` holds only the plugin |
+# | `role` | `"both"` | `"server"`, `"client"` (runs VMs) or `"both"` |
+# | `servers` | `[ ]` | addresses of the Nomad servers (`server_join.retry_join`); empty: a one-node cluster |
+# | `bootstrapExpect` | `max 1 (length servers)` | `server.bootstrap_expect` |
+# | `datacenter` | `"dc1"` | the node's datacenter |
+# | `nodeMeta` | `{ }` | `client.meta`, for job constraints |
+# | `denyCloudFingerprinters` | `false` | skip Nomad's AWS/GCE/Azure/DigitalOcean probes of 169.254.169.254 |
+# | `disableUpdateCheck` | `true` | Nomad's `disable_update_check` |
+# | `openFirewall` | `false` | open 4646 (all nodes), 4647 and 4648 (servers) |
+# | `kernelModules` | `[ "kvm" "tun" "tap" "vhost_net" ]` | loaded at boot; add your CPU's `kvm-intel`/`kvm-amd` |
+# | `createVmmUser` | `true` | create `driver.vmmUser` in `driver.vmmGroup` |
+# | `driver.stateDir` | `/var/lib/nomad-microvm` | plugin key `state_dir` |
+# | `driver.vmmUser` / `driver.vmmGroup` | `microvm` / `kvm` | `vmm_user` / `vmm_group` |
+# | `driver.allowRootVmm` | `false` | `allow_root_vmm` |
+# | `driver.defaultBridge` | `bridge.name` if `bridge.enable`, else `null` | `default_bridge` |
+# | `driver.allowedBridges` | `[ ]` | `allowed_bridges` |
+# | `driver.virtiofsd` | `${pkgs.virtiofsd}/bin/virtiofsd` | `virtiofsd` |
+# | `driver.nix` | `${config.nix.package}/bin/nix` | `nix` |
+# | `driver.substituters` | `[ cache.url ]` if set | `substituters` |
+# | `driver.trustedPublicKeys` | `cache.publicKeys` | `trusted_public_keys` |
+# | `driver.defaultStopTimeout` | `"30s"` | `default_stop_timeout` |
+# | `driver.gcrootsDir` | `/nix/var/nix/gcroots/nomad-microvm` (`null`: none) | `gcroots_dir` |
+# | `driver.allowedRunnerRoots` | `[ "/nix/store" ]` | `allowed_runner_roots` |
+# | `driver.allowedShareRoots` | `[ ]` | `allowed_share_roots` |
+# | `driver.fingerprintPeriod` | `"30s"` | `fingerprint_period` |
+# | `bridge.enable` | `false` | a bridge for the VMs' taps (systemd-networkd), the driver's default bridge |
+# | `bridge.name` | `"vmbr0"` | its name |
+# | `bridge.interfaces` | `[ ]` | uplinks enslaved to it (their addresses move to the bridge) |
+# | `bridge.addresses` | `[ ]` | the host's addresses on it |
+# | `bridge.dhcp` | `false` | DHCP client on the bridge |
+# | `cache.path` | `null` | local dir of a `file://` binary cache (created, owned by the gitfront user) |
+# | `cache.url` | `file://<path>` | the cache gitfront pushes to and nodes fetch missing runners from |
+# | `cache.publicKeys` | `[ ]` | keys runners must be signed with; empty accepts unsigned |
+# | `cache.signingKeyFile` | `null` | secret key file gitfront signs pushes with (`secret-key=` on its cache URL) |
+# | `gitfront.enable` | `false` | gitfront behind sshd on this node |
+# | `gitfront.package` | this flake's `gitfront` | |
+# | `gitfront.user` | `"git"` | the ssh user tenants push to (`git@host:repo`) |
+# | `gitfront.users.<name>.sshKeys` | `[ ]` | tenants and their keys; each key's forced command is `gitfront serve --user <name>` |
+# | `gitfront.settings.*` | gitfront's defaults | every key of `/etc/gitfront.toml`: `reposRoot`, `stateDir`, `binaryCache` (default: `cache.url`), `path` (default: git, tar, gzip, coreutils, nix), `nomad.{address, tokenFile, datacenters, namespace, requestTimeout, deployTimeout}`, `build.{command, evalCommand, copyCommand, timeout, logTailLines}`, `job.{cpuPerVcpu, memoryOverhead, killTimeout, stopOnClientAfter}`, `limits.{maxPushBytes, maxVcpu, maxMem}` |
+#
+# `driver/plugin-config.nix` and `gitfront/config.nix` hold these option
+# tables (names, types, defaults) with builtins only; `tests/e2e/nixos_module.rs`
+# renders them and runs `nomad-driver-microvm check-config`,
+# `gitfront check-config` and a real Nomad agent on the result, so a key
+# added to a binary but not to the module fails the tests.
+#
+# ### The flake
+#
+# `packages.<system>.{nomad-driver-microvm, gitfront, default}`,
+# `overlays.default`, `nixosModules.default` (the module with this flake's
+# packages; `nixosModules.nomad-microvm` is the module alone), `devShells.default`,
+# `formatter` (nixpkgs-fmt) and `checks`: both packages, the format check and
+# `vm`, a NixOS VM test that boots a host with the module, pushes a flake
+# through gitfront over ssh and waits for the microVM's Nomad allocation, its
+# console line in `nomad alloc logs` and a ping over the bridge. The VM test
+# needs KVM (the microVM runs nested inside the test VM) and network access
+# for nixpkgs and microvm.nix; no `flake.lock` is committed (it could not be
+# made offline): `nix flake lock` writes one.
+
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.nomad-microvm;
