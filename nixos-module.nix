@@ -531,9 +531,9 @@ in
           linkConfig.RequiredForOnline = "enslaved";
         };
       };
-      # Where networkd manages nothing else, its wait-online would wait for a
-      # link that never comes online.
-      systemd.network.wait-online.enable = mkIf (!config.networking.useNetworkd) (mkDefault false);
+      # Where networkd manages nothing but a bridge without uplinks, its
+      # wait-online would wait for a link that never comes online.
+      systemd.network.wait-online.enable = mkIf (!config.networking.useNetworkd && cfg.bridge.interfaces == [ ]) (mkDefault false);
     })
 
     (mkIf cfg.gitfront.enable {

@@ -239,46 +239,290 @@ fn render_refuses_missing_and_unknown_options() {
 }
 
 // ---------------------------------------------------------------------------
+// The whole module, evaluated with a stand-in for nixpkgs' lib (nixpkgs is
+// not reachable here; the flake's VM check evaluates it for real)
+
+/// `{ module, settings }: <the module's config, resolved>`: option values are
+/// the given settings or the defaults, checked against their types;
+/// mkIf/mkMerge/mkDefault are resolved and definitions merged. Packages are
+/// fake store paths.
+const STAND_IN: &str = r#"# A stand-in for nixpkgs' lib and module system, just enough to evaluate
+# nixos-module.nix: option values are a user's definitions or the defaults
+# (type-checked), mkIf/mkMerge/mkDefault are resolved, definitions merged.
+{ module, settings }:
+let
+  inherit (builtins) isAttrs isList isString isInt isBool attrNames mapAttrs filter foldl' concatMap elem all any match;
+  types = rec {
+    mk = name: check: { _type = "type"; inherit name check; };
+    bool = mk "bool" isBool;
+    str = mk "str" isString;
+    package = mk "package" (x: isAttrs x && x ? outPath);
+    strMatching = p: mk "strMatching" (x: isString x && match p x != null);
+    listOf = t: mk "listOf" (x: isList x && all t.check x);
+    nonEmptyListOf = t: mk "nonEmptyListOf" (x: isList x && x != [ ] && all t.check x);
+    nullOr = t: mk "nullOr" (x: x == null || t.check x);
+    enum = vs: mk "enum" (x: elem x vs);
+    addCheck = t: c: mk "addCheck" (x: t.check x && c x);
+    ints = {
+      positive = mk "positive" (x: isInt x && x > 0);
+      between = lo: hi: mk "between" (x: isInt x && x >= lo && x <= hi);
+    };
+    submodule = m: (mk "submodule" isAttrs) // { options = m.options; };
+    attrsOf = t: (mk "attrsOf" (x: isAttrs x && all t.check (builtins.attrValues x))) // { elem = t; };
+  };
+  lib = {
+    inherit types;
+    mkOption = o: o // { _type = "option"; };
+    mkEnableOption = d: { _type = "option"; type = types.bool; default = false; description = d; };
+    mkIf = cond: content: { _type = "if"; inherit cond content; };
+    mkMerge = contents: { _type = "merge"; inherit contents; };
+    mkDefault = content: { _type = "override"; inherit content; };
+    literalExpression = text: { _type = "literalExpression"; inherit text; };
+    optional = c: x: if c then [ x ] else [ ];
+    optionals = c: xs: if c then xs else [ ];
+    optionalAttrs = c: a: if c then a else { };
+    hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
+    hasInfix = i: s: builtins.length (builtins.split (builtins.concatStringsSep "" (map (c: "[${c}]") (builtins.genList (n: builtins.substring n 1 i) (builtins.stringLength i)))) s) > 1;
+    concatStringsSep = builtins.concatStringsSep;
+    concatLists = builtins.concatLists;
+    mapAttrs = builtins.mapAttrs;
+    mapAttrsToList = f: a: map (n: f n a.${n}) (attrNames a);
+    max = a: b: if a > b then a else b;
+    makeBinPath = ps: builtins.concatStringsSep ":" (map (p: "${p}/bin") ps);
+    getExe' = p: n: "${p}/bin/${n}";
+  };
+  pkg = name: { outPath = "/nix/store/00000000000000000000000000000000-${name}"; inherit name; };
+  pkgs = {
+    virtiofsd = pkg "virtiofsd";
+    git = pkg "git";
+    gnutar = pkg "gnutar";
+    gzip = pkg "gzip";
+    coreutils = pkg "coreutils";
+    bashInteractive = pkg "bash";
+    nomad-driver-microvm = pkg "nomad-driver-microvm";
+    gitfront = pkg "gitfront";
+    formats.toml = { }: { generate = name: value: { toml = value; }; };
+  };
+
+  isOption = o: isAttrs o && (o._type or null) == "option";
+  # Values of an option tree: given (type-checked) or default.
+  values = path: opts: given:
+    let
+      unknown = filter (n: !(opts ? ${n})) (attrNames given);
+    in
+    if unknown != [ ] then throw "not options: ${builtins.concatStringsSep "." path}.${toString unknown}"
+    else
+      mapAttrs
+        (n: o:
+          let where = builtins.concatStringsSep "." (path ++ [ n ]); in
+          if isOption o then
+            let
+              v0 = if given ? ${n} then given.${n} else if o ? default then o.default else throw "${where}: no value and no default";
+              v = if (o.type.name or "") == "attrsOf" && o.type.elem ? options then mapAttrs (_: e: values (path ++ [ n "<name>" ]) o.type.elem.options e) v0 else v0;
+            in
+            if o.type.check v then v else throw "${where}: the value does not match its type (${o.type.name})"
+          else values (path ++ [ n ]) o (given.${n} or { }))
+        opts;
+
+  # Definitions as plain data.
+  resolve = v:
+    if isAttrs v && v ? _type then
+      if v._type == "if" then (if v.cond then resolve v.content else null)
+      else if v._type == "merge" then foldl' merge { } (filter (x: x != null) (map resolve v.contents))
+      else if v._type == "override" then resolve v.content
+      else v
+    else if isAttrs v && !(v ? outPath) then
+      let r = mapAttrs (_: resolve) v; in builtins.removeAttrs r (filter (n: r.${n} == null) (attrNames r))
+    else v;
+  merge = a: b: a // mapAttrs
+    (n: bv:
+      if !(a ? ${n}) then bv
+      else if isAttrs a.${n} && isAttrs bv then merge a.${n} bv
+      else if isList a.${n} && isList bv then a.${n} ++ bv
+      else if a.${n} == bv then bv
+      else throw "conflicting definitions of ${n}")
+    b;
+
+  args = { inherit lib pkgs config; };
+  m = import module args;
+  cfgValues = values [ "services" "nomad-microvm" ] m.options.services.nomad-microvm settings;
+  config = {
+    services.nomad-microvm = cfgValues;
+    nix.package = pkg "nix";
+    networking.useNetworkd = false;
+  };
+in
+resolve m.config"#;
+
+/// The module's resolved config for `settings` (services.nomad-microvm).
+fn module_eval_raw(settings: &str) -> Output {
+    let file = repo_root().join("nixos-module.nix");
+    let expr = format!("({STAND_IN}) {{ module = {}; settings = {settings}; }}", file.display());
+    run(Command::new("nix-instantiate").current_dir(repo_root()).args(["--eval", "--strict", "--json", "-E", &expr]))
+}
+
+fn module_eval(settings: &str) -> serde_json::Value {
+    let out = module_eval_raw(settings);
+    assert!(out.status.success(), "nixos-module.nix does not evaluate with {settings}:\n{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// A cluster node with everything on.
+const NODE: &str = r#"{
+  enable = true;
+  servers = [ "10.0.0.1" "10.0.0.2" "10.0.0.3" ];
+  openFirewall = true;
+  denyCloudFingerprinters = true;
+  nodeMeta.rack = "r1";
+  bridge = { enable = true; interfaces = [ "eno1" ]; addresses = [ "10.0.0.1/24" ]; };
+  cache = { path = "/mnt/cache"; publicKeys = [ "cluster-1:c2FtcGxlIGtleQ==" ]; signingKeyFile = "/run/keys/cache.sec"; };
+  gitfront = {
+    enable = true;
+    users.alice.sshKeys = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop" ];
+    settings.nomad.tokenFile = "/run/keys/nomad-token";
+  };
+}"#;
+
+#[test]
+fn module_writes_configs_the_binaries_accept() {
+    let config = module_eval(NODE);
+    for a in config["assertions"].as_array().unwrap() {
+        assert_eq!(a["assertion"], true, "{}", a["message"]);
+    }
+    assert!(config["boot"]["kernelModules"].as_array().unwrap().contains(&serde_json::json!("vhost_net")));
+    let nomad = &config["services"]["nomad"];
+    assert_eq!(nomad["dropPrivileges"], false, "the driver needs a root agent");
+    let settings = &nomad["settings"];
+    assert_eq!(settings["server"]["bootstrap_expect"], 3);
+    assert_eq!(
+        settings["client"]["server_join"]["retry_join"],
+        serde_json::json!(["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    );
+    assert_eq!(settings["client"]["options"]["fingerprint.denylist"], "env_aws,env_gce,env_azure,env_digitalocean");
+
+    // The plugin block: the driver takes it, with the bridge and the cache.
+    let plugin = &settings["plugin"]["nomad-driver-microvm"]["config"];
+    let dump = check_config(plugin).unwrap_or_else(|e| panic!("the driver refuses the module's plugin block: {e}"));
+    assert!(dump.contains("\"vmbr0\""), "{dump}");
+    assert_eq!(plugin["substituters"], serde_json::json!(["file:///mnt/cache"]), "nodes fetch from the cache");
+    assert_eq!(plugin["trusted_public_keys"], serde_json::json!(["cluster-1:c2FtcGxlIGtleQ=="]));
+
+    // /etc/gitfront.toml: gitfront takes it; it signs with the key file.
+    let toml_value = &config["environment"]["etc"]["gitfront.toml"]["source"]["toml"];
+    assert_eq!(toml_value["binary_cache"], "file:///mnt/cache?secret-key=/run/keys/cache.sec");
+    assert_eq!(toml_value["nomad"]["token_file"], "/run/keys/nomad-token");
+    let effective = gitfront_check_config(&to_toml(toml_value))
+        .expect("gitfront check-config")
+        .unwrap_or_else(|e| panic!("gitfront refuses the module's gitfront.toml: {e}"));
+    assert_eq!(effective["binary_cache"].as_str(), toml_value["binary_cache"].as_str());
+
+    // alice's key logs in as alice, through gitfront only.
+    let git = &config["users"]["users"]["git"];
+    let lines = git["openssh"]["authorizedKeys"]["keys"].as_array().unwrap();
+    assert_eq!(lines.len(), 1);
+    let line = lines[0].as_str().unwrap();
+    assert!(
+        line.starts_with(
+            "command=\"'/nix/store/00000000000000000000000000000000-gitfront/bin/gitfront' serve \
+             --config '/etc/gitfront.toml' --user alice\",restrict ssh-ed25519 "
+        ),
+        "{line}"
+    );
+    assert_eq!(config["services"]["openssh"]["enable"], true);
+    assert!(
+        config["systemd"]["tmpfiles"]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "d /mnt/cache 0755 git root - -")
+    );
+
+    // The bridge, with its uplink.
+    let networks = &config["systemd"]["network"]["networks"];
+    assert_eq!(networks["41-vmbr0-ports"]["networkConfig"]["Bridge"], "vmbr0");
+    assert_eq!(networks["40-vmbr0"]["address"], serde_json::json!(["10.0.0.1/24"]));
+}
+
+#[test]
+fn module_refuses_bad_settings() {
+    let cases = [
+        ("{ enable = true; role = \"client\"; }", "a client-only node needs `servers`"),
+        ("{ enable = true; gitfront.users.Alice.sshKeys = [ ]; }", "Alice is not a gitfront user name"),
+        ("{ enable = true; cache.signingKeyFile = \"/nix/store/abc-key\"; }", "must not be in the Nix store"),
+    ];
+    for (settings, want) in cases {
+        let config = module_eval(settings);
+        let failed: Vec<&str> = config["assertions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["assertion"] == false)
+            .map(|a| a["message"].as_str().unwrap())
+            .collect();
+        assert!(failed.iter().any(|m| m.contains(want)), "{settings}: {failed:?}");
+    }
+    // Types: values the binaries would refuse never reach them.
+    for (settings, option) in [
+        ("{ enable = true; driver.defaultStopTimeout = \"soon\"; }", "driver.defaultStopTimeout"),
+        ("{ enable = true; bridge = { enable = true; name = \"a bridge\"; }; }", "bridge.name"),
+        ("{ enable = true; cache.url = \"/srv/cache\"; }", "cache.url"),
+        (
+            "{ enable = true; gitfront = { enable = true; settings.nomad.address = \"https://n:4646\"; }; }",
+            "gitfront.settings.nomad.address",
+        ),
+        (
+            "{ enable = true; gitfront = { enable = true; users.alice.sshKeys = [ \"no-pty ssh-ed25519 AAAA\" ]; }; }",
+            "gitfront.users",
+        ),
+        ("{ enable = true; drivr.stateDir = \"/srv\"; }", "drivr"),
+    ] {
+        let out = module_eval_raw(settings);
+        assert!(!out.status.success(), "{settings} evaluated");
+        let err = text(&out.stderr);
+        assert!(err.contains(option), "{settings}: {err}");
+    }
+}
+
+// ---------------------------------------------------------------------------
 // A real Nomad agent reads the JSON NixOS writes (/etc/nomad.json)
 
 #[test]
-fn nomad_agent_loads_the_plugin_block_the_module_writes() {
-    if !require_root("nomad_agent_loads_the_plugin_block_the_module_writes") {
+fn nomad_agent_loads_the_settings_the_module_writes() {
+    if !require_root("nomad_agent_loads_the_settings_the_module_writes") {
         return;
     }
     let dir = open_tempdir();
     let state = dir.path().join("state");
-    // The sample, with what this host has: the VMM identity install-deps.sh
-    // creates, a state dir we own.
-    let values = format!(
-        "({SAMPLE}) // {{ stateDir = \"{}\"; vmmUser = \"microvm\"; vmmGroup = \"kvm\"; allowRootVmm = false; \
-         virtiofsd = \"virtiofsd\"; nix = \"nix\"; }}",
+    // A one-node cluster (server and client) with a bridge; what this host
+    // lacks (the fake store paths) only degrades the driver.
+    let node = format!(
+        "{{ enable = true; bridge = {{ enable = true; name = \"br-vms\"; }}; \
+         driver = {{ stateDir = \"{}\"; defaultStopTimeout = \"1m30s\"; allowedBridges = [ \"br-lab\" \"br-dmz\" ]; }}; }}",
         state.display()
     );
-    let settings = nix_eval(&format!("p.agentSettings ({values})"));
+    let settings = module_eval(&node)["services"]["nomad"]["settings"].clone();
     let plugin_dir = dir.path().join("plugins");
     std::fs::create_dir_all(&plugin_dir).unwrap();
     std::os::unix::fs::symlink(driver_bin(), plugin_dir.join("nomad-driver-microvm")).unwrap();
-    let base = serde_json::json!({
-        "disable_update_check": true,
+    // What NixOS's own nomad module adds (data_dir), and this test's network.
+    let host = serde_json::json!({
+        "data_dir": dir.path().join("data"),
         "bind_addr": "127.0.0.1",
         "advertise": { "http": "127.0.0.1", "rpc": "127.0.0.1", "serf": "127.0.0.1" },
         "client": {
-            "enabled": true,
             "network_interface": "lo",
             "options": { "fingerprint.denylist": "env_aws,env_gce,env_azure,env_digitalocean" }
         }
     });
-    std::fs::write(dir.path().join("base.json"), serde_json::to_vec_pretty(&base).unwrap()).unwrap();
-    std::fs::write(dir.path().join("plugin.json"), serde_json::to_vec_pretty(&settings).unwrap()).unwrap();
+    std::fs::write(dir.path().join("nomad.json"), serde_json::to_vec_pretty(&settings).unwrap()).unwrap();
+    std::fs::write(dir.path().join("host.json"), serde_json::to_vec_pretty(&host).unwrap()).unwrap();
 
     let netns = Arc::new(Netns::new("nixos"));
     let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
     let mut cmd = netns.command(nomad_bin());
     cmd.arg("agent")
-        .arg("-dev")
-        .arg(format!("-config={}", dir.path().join("base.json").display()))
-        .arg(format!("-config={}", dir.path().join("plugin.json").display()))
+        .arg(format!("-config={}", dir.path().join("nomad.json").display()))
+        .arg(format!("-config={}", dir.path().join("host.json").display()))
         .arg(format!("-plugin-dir={}", plugin_dir.display()))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -290,7 +534,7 @@ fn nomad_agent_loads_the_plugin_block_the_module_writes() {
         run(netns.command(nomad_bin()).args(args).env("NOMAD_ADDR", "http://127.0.0.1:4646").env_remove("NOMAD_TOKEN"))
     };
     let node =
-        wait_until("the driver to be fingerprinted", Duration::from_secs(90), Duration::from_millis(500), || {
+        wait_until("the driver to be fingerprinted", Duration::from_secs(120), Duration::from_millis(500), || {
             let out = nomad(&["node", "status", "-self", "-json"]);
             if !out.status.success() {
                 return Err(text(&out.stderr));
