@@ -283,7 +283,9 @@ impl Client {
         if !(200..300).contains(&status) {
             return Err(NomadError::Refused { method, path: path.to_string(), status, message: message(&text) });
         }
-        serde_json::from_str(&text).map(Some).map_err(|source| NomadError::Decode {
+        // Some writes (namespace upsert) answer 200 with an empty body.
+        let text = if text.trim().is_empty() { "null" } else { text.as_str() };
+        serde_json::from_str(text).map(Some).map_err(|source| NomadError::Decode {
             method,
             path: path.to_string(),
             source,

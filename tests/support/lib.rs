@@ -4,6 +4,7 @@
 //! real agent built by tests/nomad-peer.
 
 pub mod bins;
+pub mod gitfront;
 pub mod netns;
 pub mod nomad;
 pub mod plugin;

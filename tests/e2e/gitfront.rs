@@ -1,0 +1,368 @@
+//! gitfront end to end: `git push` over a real sshd (forced command from
+//! `gitfront authorized-key`) builds hosts with Debian's nix, copies them to
+//! a file:// binary cache and runs them as microVMs under the real Nomad
+//! agent with our driver; the push output is the deploy log.
+//!
+//! Each test has its own world (namespace, agent, sshd) and its own host
+//! names, so that tests running side by side never see each other's VMs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use microvm_e2e::gitfront::{Front, Host, nomad, text, tree};
+use microvm_e2e::vm::{World, pgrep};
+use microvm_e2e::{Netns, open_tempdir, require_root, wait_until};
+
+const BOOT: Duration = Duration::from_secs(180);
+const NOMAD: &str = "http://127.0.0.1:4646";
+
+/// A world whose driver may fetch runners from the front's binary cache.
+fn world(tag: &str, dev: bool, front_dir: &Path) -> World {
+    World::new(tag, dev, &format!("    substituters = [\"file://{}/cache\"]\n", front_dir.display()))
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    text(&out.stderr)
+}
+
+fn assert_contains(haystack: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(haystack.contains(n), "missing {n:?} in:\n{haystack}");
+    }
+}
+
+fn runner_of(job: &serde_json::Value) -> String {
+    job["TaskGroups"][0]["Tasks"][0]["Config"]["runner"].as_str().expect("runner").to_string()
+}
+
+#[test]
+fn gitfront_push_runs_two_vms_updates_one_and_stops_one() {
+    if !require_root("gitfront_push_runs_two_vms_updates_one_and_stops_one") {
+        return;
+    }
+    let front_dir = open_tempdir();
+    let w = world("gfpush", true, front_dir.path());
+    let front = Front::start(w.netns.clone(), front_dir.path(), NOMAD);
+    let ns = "alice-fleet";
+    let work = front.workdir("alice", "fleet", "fleet");
+
+    // 1. Two branches, two hosts, two VMs; both deploy logs in the push output.
+    let first = work.commit_flake(&[Host::new("alpha", 2), Host::new("beta", 3)], "two hosts");
+    let out = work.push(&["main:alpha", "main:beta"]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "push failed:\n{log}");
+    for host in ["alpha", "beta"] {
+        assert_contains(
+            &log,
+            &[
+                &format!(
+                    "remote: [{host}] building nixosConfigurations.{host}.config.microvm.declaredRunner from commit {}",
+                    &first[..8]
+                ),
+                &format!("remote: [{host}] built /nix/store/"),
+                &format!("-microvm-qemu-{host} (1 vCPU, 256 MiB) in "),
+                &format!("remote: [{host}] copied to the binary cache file://"),
+                &format!("remote: [{host}] registered job {host} version 0 in namespace {ns}"),
+                &format!("remote: [{host}] allocation "),
+                &format!("remote: [{host}] running on node "),
+            ],
+        );
+    }
+    assert_eq!(front.branch_commit("alice", "fleet", "alpha").as_deref(), Some(first.as_str()));
+    let alpha_alloc = nomad::wait_running(&w.agent, ns, "alpha", 0, BOOT);
+    let beta_alloc = nomad::wait_running(&w.agent, ns, "beta", 0, BOOT);
+    let c = nomad::wait_console(&w.agent, ns, &alpha_alloc, "microvm-test-guest: ready", BOOT);
+    assert_contains(&c, &["microvm-test-guest: booted alpha", "ping 192.0.2.1 ok"]);
+    let c = nomad::wait_console(&w.agent, ns, &beta_alloc, "microvm-test-guest: ready", BOOT);
+    assert_contains(&c, &["microvm-test-guest: booted beta"]);
+    let alpha_v0 = nomad::job(&w.agent, ns, "alpha");
+    let runner0 = runner_of(&alpha_v0);
+    assert_eq!(alpha_v0["Meta"]["gitfront.commit"], first.as_str());
+    assert_eq!(alpha_v0["TaskGroups"][0]["Tasks"][0]["Driver"], "microvm");
+    assert_eq!(alpha_v0["TaskGroups"][0]["Tasks"][0]["Resources"]["MemoryMB"], 256 + 64);
+    // The runner's closure is in the binary cache (runner and the kernel it boots).
+    let cache = front_dir.path().join("cache");
+    let hash = |p: &str| p.trim_start_matches("/nix/store/")[..32].to_string();
+    assert!(cache.join(format!("{}.narinfo", hash(&runner0))).exists(), "runner in the cache");
+    let narinfos = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".narinfo")));
+    assert!(narinfos.count() >= 4, "runner, kernel, initrd, virtiofsd");
+
+    // `status` lists both VMs; the user can clone their own repo.
+    let st = front.ssh("alice", Some("status"));
+    let st_text = text(&st.stdout);
+    assert!(st.status.success(), "status: {}", stderr(&st));
+    assert_contains(&st_text, &["fleet/alpha: running on ", "fleet/beta: running on ", "version 0", &first[..8]]);
+    let clone = front.dir.join("work/clone");
+    let out = front.git(
+        "alice",
+        &front.dir.join("work"),
+        &["clone", "-q", "-b", "alpha", "root@127.0.0.1:fleet.git", "clone"],
+    );
+    assert!(out.status.success(), "clone: {}", stderr(&out));
+    assert!(clone.join("flake.nix").exists());
+
+    // 2. Change alpha only, push both branches: alpha gets version 1 with
+    //    the new runner, beta is untouched (same version, same allocation).
+    let second = work.commit_flake(&[Host::new("alpha", 2).mem(300), Host::new("beta", 3)], "bigger alpha");
+    let out = work.push(&["main:alpha", "main:beta"]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "second push failed:\n{log}");
+    assert_contains(
+        &log,
+        &[
+            "remote: [alpha] built /nix/store/",
+            "(1 vCPU, 300 MiB)",
+            &format!("remote: [alpha] registered job alpha version 1 in namespace {ns}"),
+            "remote: [alpha] running on node ",
+            "remote: [beta] unchanged: job beta version 0 already runs /nix/store/",
+        ],
+    );
+    let alpha_v1 = nomad::job(&w.agent, ns, "alpha");
+    assert_eq!(alpha_v1["Version"], 1);
+    let runner1 = runner_of(&alpha_v1);
+    assert_ne!(runner1, runner0, "a new runner");
+    assert_eq!(alpha_v1["Meta"]["gitfront.commit"], second.as_str());
+    assert_eq!(alpha_v1["TaskGroups"][0]["Tasks"][0]["Resources"]["MemoryMB"], 300 + 64);
+    let run_script = std::fs::read_to_string(Path::new(&runner1).join("bin/microvm-run")).unwrap();
+    assert!(run_script.contains(" -m 300 "), "{run_script}");
+    let alpha_alloc1 = nomad::wait_running(&w.agent, ns, "alpha", 1, BOOT);
+    assert_ne!(alpha_alloc1, alpha_alloc);
+    nomad::wait_console(&w.agent, ns, &alpha_alloc1, "microvm-test-guest: booted alpha", BOOT);
+    let beta = nomad::job(&w.agent, ns, "beta");
+    assert_eq!(beta["Version"], 0, "beta untouched");
+    assert_eq!(beta["Meta"]["gitfront.commit"], first.as_str());
+    let beta_allocs = nomad::allocs(&w.agent, ns, "beta");
+    assert_eq!(beta_allocs.len(), 1, "no new beta allocation");
+    assert_eq!(beta_allocs[0]["ID"], beta_alloc.as_str());
+    assert_eq!(beta_allocs[0]["ClientStatus"], "running");
+    assert_eq!(front.branch_commit("alice", "fleet", "beta").as_deref(), Some(second.as_str()));
+    // Never two alphas at once: the old allocation ended before the new one started.
+    let old = w.agent.api(&format!("/v1/allocation/{alpha_alloc}?namespace={ns}"));
+    assert_eq!(old["ClientStatus"], "complete");
+    assert_eq!(pgrep("microvm@alpha").len(), 1, "one alpha VMM");
+
+    // 4. Deleting a branch stops its job.
+    let out = work.push(&[":beta"]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "delete failed:\n{log}");
+    assert_contains(
+        &log,
+        &["remote: [beta] branch deleted: stopping job beta", "remote: [beta] stopped job beta: its VM is gone"],
+    );
+    assert_eq!(nomad::job(&w.agent, ns, "beta")["Stop"], true);
+    assert_eq!(nomad::allocs(&w.agent, ns, "beta")[0]["ClientStatus"], "complete");
+    wait_until("beta's VMM to be gone", Duration::from_secs(30), Duration::from_millis(500), || {
+        if pgrep("microvm@beta").is_empty() { Ok(()) } else { Err("still there".into()) }
+    });
+    assert_eq!(front.branch_commit("alice", "fleet", "beta"), None);
+    assert_eq!(nomad::allocs(&w.agent, ns, "alpha")[0]["ClientStatus"], "running", "alpha keeps running");
+    let st = text(&front.ssh("alice", Some("status")).stdout);
+    assert_contains(&st, &["fleet/alpha: running", "fleet/beta: stopped"]);
+}
+
+#[test]
+fn gitfront_failed_build_rejects_only_that_ref() {
+    if !require_root("gitfront_failed_build_rejects_only_that_ref") {
+        return;
+    }
+    let front_dir = open_tempdir();
+    let w = world("gffail", true, front_dir.path());
+    let front = Front::start(w.netns.clone(), front_dir.path(), NOMAD);
+    let ns = "alice-hosts";
+    let work = front.workdir("alice", "hosts", "hosts");
+    let good = work.commit_flake(&[Host::new("gamma", 4)], "gamma");
+    let out = work.push(&["main:gamma"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let gamma_alloc = nomad::wait_running(&w.agent, ns, "gamma", 0, BOOT);
+    let gamma_runner = runner_of(&nomad::job(&w.agent, ns, "gamma"));
+
+    // gamma's new commit does not build; delta's does. One push, both refs.
+    let bad = work.commit_flake(&[Host::new("gamma", 4).broken(), Host::new("delta", 5)], "break gamma, add delta");
+    let out = work.push(&["main:gamma", "main:delta"]);
+    let log = stderr(&out);
+    assert!(!out.status.success(), "the push must fail:\n{log}");
+    assert_contains(
+        &log,
+        &[
+            "remote: [gamma]   | ",
+            "deliberate build failure: gamma is broken",
+            "remote: [gamma] REJECTED refs/heads/gamma: building nixosConfigurations.gamma.config.microvm.declaredRunner failed",
+            "remote: [delta] registered job delta version 0",
+            "remote: [delta] running on node ",
+        ],
+    );
+    let porcelain = text(&out.stdout);
+    assert!(
+        porcelain.contains("!\trefs/heads/main:refs/heads/gamma\t[remote rejected] (hook declined)"),
+        "{porcelain}"
+    );
+    assert!(porcelain.contains("*\trefs/heads/main:refs/heads/delta\t[new branch]"), "{porcelain}");
+    // The repo's gamma did not move; delta is the new commit.
+    assert_eq!(front.branch_commit("alice", "hosts", "gamma").as_deref(), Some(good.as_str()));
+    assert_eq!(front.branch_commit("alice", "hosts", "delta").as_deref(), Some(bad.as_str()));
+    // The running gamma job is untouched: same version, runner, allocation.
+    let gamma = nomad::job(&w.agent, ns, "gamma");
+    assert_eq!(gamma["Version"], 0);
+    assert_eq!(runner_of(&gamma), gamma_runner);
+    let allocs = nomad::allocs(&w.agent, ns, "gamma");
+    assert_eq!(allocs.len(), 1);
+    assert_eq!(allocs[0]["ID"], gamma_alloc.as_str());
+    assert_eq!(allocs[0]["ClientStatus"], "running");
+    nomad::wait_running(&w.agent, ns, "delta", 0, BOOT);
+
+    // A tag is refused with a reason, and so is a branch that is no host name.
+    let out = work.push(&["main:refs/tags/v1", "main:feature/x"]);
+    let log = stderr(&out);
+    assert!(!out.status.success());
+    assert_contains(
+        &log,
+        &[
+            "REJECTED refs/tags/v1: refs/tags/v1 is a tag; only branches (refs/heads/<host>) are deployed",
+            "REJECTED refs/heads/feature/x: refs/heads/feature/x cannot be deployed: branch name \"feature/x\" contains '/'",
+        ],
+    );
+}
+
+#[test]
+fn gitfront_refuses_and_creates_nothing() {
+    if !require_root("gitfront_refuses_and_creates_nothing") {
+        return;
+    }
+    let dir = open_tempdir();
+    let netns = std::sync::Arc::new(Netns::new("gfref"));
+    // No Nomad at all: nothing here gets that far.
+    let front = Front::start(netns, dir.path(), "http://127.0.0.1:4999");
+    // bob's repo, made directly on disk (a push of bob's would need Nomad).
+    let bob_repo = front.repo_dir("bob", "fleet");
+    std::fs::create_dir_all(bob_repo.parent().unwrap()).unwrap();
+    let scratch = front.workdir("bob", "bob", "fleet");
+    let bob_commit = scratch.commit_flake(&[Host::new("zeta", 9)], "bob's");
+    let init = std::process::Command::new("git").args(["init", "-q", "--bare"]).arg(&bob_repo).output().unwrap();
+    assert!(init.status.success());
+    scratch.git_ok(&["push", "-q", bob_repo.to_str().unwrap(), "main:zeta"]);
+    let before = tree(dir.path());
+
+    let refused = |user: &str, cmd: Option<&str>, reason: &str| {
+        let out = front.ssh(user, cmd);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{cmd:?} was allowed: {err}");
+        assert!(err.contains("gitfront: ") && err.contains(reason), "{cmd:?}: {err:?} lacks {reason:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{cmd:?}: one line: {err:?}");
+        assert!(out.stdout.is_empty(), "{cmd:?} printed {:?}", text(&out.stdout));
+    };
+    refused("alice", None, "refused: no shell here");
+    refused("alice", Some("ls"), "refused: \"ls\" is not allowed");
+    refused("alice", Some("ls -la /"), "refused: \"ls\" is not allowed");
+    refused("alice", Some("bash -i"), "refused: \"bash\" is not allowed");
+    refused("alice", Some("scp -t /tmp/pwned"), "refused: \"scp\" is not allowed");
+    refused("alice", Some("git-upload-pack '../bob/fleet'"), "bad repo name");
+    refused("alice", Some("git-upload-pack 'bob/fleet'"), "contains '/'");
+    refused("alice", Some(&format!("git-upload-pack '{}'", bob_repo.display())), "contains '/'");
+    refused("alice", Some("git-receive-pack '../bob/fleet.git'"), "contains '..'");
+    refused("alice", Some("git-receive-pack 'fleet' --upload-pack=sh"), "exactly one argument");
+    refused("alice", Some("git-upload-pack '--upload-pack=touch /tmp/pwned'"), "bad repo name");
+    refused("alice", Some("git-upload-pack 'fleet'"), "no repo fleet yet");
+    refused("bob", Some("git-receive-pack 'a b'"), "contains a space");
+
+    // The real clients, as people would try it.
+    let work = dir.path().join("work");
+    let git_refused = |args: &[&str], reason: &str| {
+        let out = front.git("alice", &work, args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "git {args:?} was allowed: {err}");
+        assert!(err.contains(reason), "git {args:?}: {err:?} lacks {reason:?}");
+    };
+    git_refused(&["clone", "root@127.0.0.1:../bob/fleet", "c1"], "contains '..'");
+    git_refused(&["clone", "root@127.0.0.1:~bob/fleet", "c2"], "contains '~'");
+    git_refused(&["clone", &format!("root@127.0.0.1:{}", bob_repo.display()), "c3"], "contains '/'");
+    git_refused(&["clone", "root@127.0.0.1:fleet", "c4"], "no repo fleet yet");
+    let alice = front.workdir("alice", "alice", "fleet");
+    alice.commit_flake(&[Host::new("eta", 8)], "alice's");
+    let push_refused = |url: &str, reason: &str| {
+        let out = alice.git(&["push", url, "main:eta"]);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "push to {url} was allowed: {err}");
+        assert!(err.contains(reason), "push to {url}: {err:?} lacks {reason:?}");
+    };
+    push_refused("root@127.0.0.1:../bob/fleet", "contains '..'");
+    push_refused(&format!("root@127.0.0.1:{}", bob_repo.display()), "contains '/'");
+    push_refused("root@127.0.0.1:bob/fleet", "contains '/'");
+    push_refused("root@127.0.0.1:my repo", "contains a space");
+    push_refused("root@127.0.0.1:it's", "exactly one argument");
+    push_refused("root@127.0.0.1:say\"hi\"", "contains a quote");
+    push_refused("root@127.0.0.1:a;reboot", "contains ';'");
+    push_refused(&format!("root@127.0.0.1:{}", "r".repeat(101)), "101 bytes, over the limit of 100");
+    // scp, both protocols (legacy scp -t and SFTP).
+    let file = work.join("payload");
+    std::fs::write(&file, "x").unwrap();
+    for legacy in [true, false] {
+        let mut cmd = front.netns.command("scp");
+        if legacy {
+            cmd.arg("-O");
+        }
+        let key = &front.alice.private;
+        cmd.args(["-F", "/dev/null", "-P", "2222", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes", "-i"])
+            .arg(key)
+            .arg(&file)
+            .arg("root@127.0.0.1:/tmp/gitfront-scp-pwned");
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "scp (legacy: {legacy}) was allowed");
+    }
+    assert!(!Path::new("/tmp/gitfront-scp-pwned").exists());
+
+    // Nothing was created: no repo, no scratch dir, bob's repo unchanged.
+    let work_dirs = |t: Vec<String>| t.into_iter().filter(|p| !p.starts_with("work")).collect::<Vec<_>>();
+    assert_eq!(work_dirs(tree(dir.path())), work_dirs(before), "files appeared");
+    assert_eq!(front.branch_commit("bob", "fleet", "zeta").as_deref(), Some(bob_commit.as_str()));
+    assert!(!dir.path().join("state").exists(), "no state dir");
+}
+
+#[test]
+fn gitfront_nomad_down_rejects_the_push_and_registers_nothing() {
+    if !require_root("gitfront_nomad_down_rejects_the_push_and_registers_nothing") {
+        return;
+    }
+    let front_dir = open_tempdir();
+    // A persistent agent: its state survives the restart below.
+    let mut w = world("gfdown", false, front_dir.path());
+    let front = Front::start(w.netns.clone(), front_dir.path(), NOMAD);
+    let ns = "alice-solo";
+    let work = front.workdir("alice", "solo", "solo");
+    let first = work.commit_flake(&[Host::new("epsilon", 6)], "epsilon");
+    let out = work.push(&["main:epsilon"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let alloc = nomad::wait_running(&w.agent, ns, "epsilon", 0, BOOT);
+    let runner = runner_of(&nomad::job(&w.agent, ns, "epsilon"));
+
+    // Nomad goes away; a new commit (and a new host) cannot be deployed.
+    w.agent.stop();
+    work.commit_flake(&[Host::new("epsilon", 6).mem(300), Host::new("zeta", 7)], "bigger epsilon, zeta");
+    let out = work.push(&["main:epsilon", "main:zeta"]);
+    let log = stderr(&out);
+    assert!(!out.status.success(), "{log}");
+    for host in ["epsilon", "zeta"] {
+        assert_contains(
+            &log,
+            &[&format!("remote: [{host}] REJECTED refs/heads/{host}: cannot reach Nomad at http://127.0.0.1:4646: ")],
+        );
+    }
+    // Deleting a branch needs Nomad too: refused, the branch stays.
+    let out = work.push(&[":epsilon"]);
+    assert!(!out.status.success());
+    assert_contains(&stderr(&out), &["REJECTED refs/heads/epsilon: cannot reach Nomad"]);
+    assert_eq!(front.branch_commit("alice", "solo", "epsilon").as_deref(), Some(first.as_str()));
+    assert_eq!(front.branch_commit("alice", "solo", "zeta"), None);
+
+    // Back up: nothing half-registered — epsilon as before, no zeta.
+    w.agent.restart();
+    let job = nomad::job(&w.agent, ns, "epsilon");
+    assert_eq!(job["Version"], 0);
+    assert_eq!(runner_of(&job), runner);
+    let missing = w.agent.nomad(&["operator", "api", &format!("/v1/job/zeta?namespace={ns}")]);
+    assert!(!missing.status.success() || text(&missing.stdout).contains("not found"), "zeta exists");
+    let allocs = nomad::allocs(&w.agent, ns, "epsilon");
+    assert_eq!(allocs[0]["ID"], alloc.as_str());
+}
