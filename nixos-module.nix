@@ -162,7 +162,9 @@ let
   inStore = p: p != null && lib.hasPrefix builtins.storeDir p;
 
   # services.nomad-microvm.driver.<name>: one option per plugin config key,
-  # typed from driver/plugin-config.nix's table.
+  # typed from driver/plugin-config.nix's table: exactly what its `render`
+  # accepts (tests/e2e/nixos_module.rs checks the driver refuses what this
+  # refuses).
   driverOptionType = name: o:
     let
       pattern = plugin.patternOf o.kind;
@@ -173,8 +175,6 @@ let
         else if lib.hasPrefix "null" o.kind then types.nullOr scalar
         else scalar;
     in
-    # Exactly what render accepts (tests/e2e/nixos_module.rs checks the
-      # driver refuses what this refuses).
     types.addCheck base (plugin.valid name);
 
   # Where a NixOS host knows better than the driver's built-in default.
