@@ -1,8 +1,10 @@
 //! The NixOS module (nixos-module.nix) and the flake, checked without
-//! nixpkgs: every tracked `.nix` file parses and is formatted; the plugin
-//! config the module renders (driver/plugin-config.nix, builtins only) is
-//! exactly what the driver accepts, key for key, and what a real Nomad agent
-//! loads from the JSON NixOS writes; no option takes a secret inline.
+//! nixpkgs: every `.nix` file parses and is formatted; the plugin config and
+//! gitfront.toml the module renders (driver/plugin-config.nix and
+//! gitfront/config.nix, builtins only) are exactly what the binaries'
+//! own parsers accept, key for key and default for default; the whole module,
+//! evaluated with a stand-in for nixpkgs' lib, writes Nomad settings a real
+//! agent runs with; no option takes a secret inline.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -412,7 +414,6 @@ fn module_writes_configs_the_binaries_accept() {
     assert_eq!(toml_value["binary_cache"], "file:///mnt/cache?secret-key=/run/keys/cache.sec");
     assert_eq!(toml_value["nomad"]["token_file"], "/run/keys/nomad-token");
     let effective = gitfront_check_config(&to_toml(toml_value))
-        .expect("gitfront check-config")
         .unwrap_or_else(|e| panic!("gitfront refuses the module's gitfront.toml: {e}"));
     assert_eq!(effective["binary_cache"].as_str(), toml_value["binary_cache"].as_str());
 
@@ -615,23 +616,17 @@ fn to_toml(rendered: &serde_json::Value) -> String {
     toml::to_string(&value).expect("TOML text")
 }
 
-/// `gitfront check-config FILE`: `None` while gitfront has no such mode yet,
-/// else Ok(the effective config as TOML) or Err(its error).
-fn gitfront_check_config(toml_text: &str) -> Option<Result<toml::Value, String>> {
+/// `gitfront check-config FILE`: Ok(the effective config) or Err(its error).
+fn gitfront_check_config(toml_text: &str) -> Result<toml::Value, String> {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("gitfront.toml");
     std::fs::write(&file, toml_text).expect("write gitfront.toml");
     let out = run(Command::new(microvm_e2e::bins::gitfront_bin()).arg("check-config").arg(&file));
-    let stderr = text(&out.stderr);
-    if stderr.contains("not implemented yet") {
-        return None;
+    if !out.status.success() {
+        return Err(text(&out.stderr));
     }
-    Some(if out.status.success() {
-        Ok(toml::from_str(&text(&out.stdout))
-            .unwrap_or_else(|e| panic!("gitfront check-config printed no TOML ({e}):\n{}", text(&out.stdout))))
-    } else {
-        Err(stderr)
-    })
+    Ok(toml::from_str(&text(&out.stdout))
+        .unwrap_or_else(|e| panic!("gitfront check-config printed no TOML ({e}):\n{}", text(&out.stdout))))
 }
 
 /// Dotted keys of a TOML document (`nomad.token_file`, …).
@@ -665,11 +660,8 @@ fn gitfront_options_render_exactly_what_gitfront_accepts() {
 
     let rendered = front_eval(&format!("g.render {FRONT_SAMPLE}"));
     let written: toml::Value = toml::from_str(&to_toml(&rendered)).unwrap();
-    let Some(effective) = gitfront_check_config(&to_toml(&rendered)) else {
-        eprintln!("SKIPPED gitfront_options_render_exactly_what_gitfront_accepts: gitfront has no check-config yet");
-        return;
-    };
-    let effective = effective.unwrap_or_else(|e| panic!("gitfront refuses what the module writes: {e}"));
+    let effective = gitfront_check_config(&to_toml(&rendered))
+        .unwrap_or_else(|e| panic!("gitfront refuses what the module writes: {e}"));
     let module_keys: BTreeSet<String> = serde_json::from_value(front_eval("g.keys")).unwrap();
     let gitfront_keys = dotted_keys(&effective);
     let missing: Vec<_> = gitfront_keys.difference(&module_keys).collect();
@@ -683,12 +675,8 @@ fn gitfront_options_render_exactly_what_gitfront_accepts() {
 #[test]
 fn gitfront_module_defaults_are_gitfront_defaults() {
     let rendered = front_eval("g.render g.defaults");
-    let Some(from_nix) = gitfront_check_config(&to_toml(&rendered)) else {
-        eprintln!("SKIPPED gitfront_module_defaults_are_gitfront_defaults: gitfront has no check-config yet");
-        return;
-    };
-    let from_nix = from_nix.expect("defaults accepted");
-    let gitfront = gitfront_check_config("").expect("check-config").expect("empty file accepted");
+    let from_nix = gitfront_check_config(&to_toml(&rendered)).expect("defaults accepted");
+    let gitfront = gitfront_check_config("").expect("empty file accepted");
     assert_eq!(from_nix, gitfront, "gitfront/config.nix's defaults differ from gitfront/src/config.rs's");
 }
 
@@ -736,13 +724,8 @@ fn gitfront_option_types_refuse_what_gitfront_refuses() {
             Some(s) => doc[s] = serde_json::json!({ leaf: json_value }),
             None => doc[leaf] = json_value,
         }
-        let Some(result) = gitfront_check_config(&to_toml(&doc)) else {
-            eprintln!(
-                "SKIPPED the gitfront side of gitfront_option_types_refuse_what_gitfront_refuses: no check-config yet"
-            );
-            return;
-        };
-        let err = result.expect_err(&format!("gitfront accepts {key} = {value}, the module refuses it"));
+        let err = gitfront_check_config(&to_toml(&doc))
+            .expect_err(&format!("gitfront accepts {key} = {value}, the module refuses it"));
         assert!(err.contains(leaf), "{key} = {value}: {err}");
     }
 }
@@ -852,10 +835,6 @@ fn tenant_keys_get_the_line_gitfront_itself_writes() {
             .arg(&config)
             .arg("--key-file")
             .arg(&key_file));
-        if text(&out.stderr).contains("not implemented yet") {
-            eprintln!("SKIPPED tenant_keys_get_the_line_gitfront_itself_writes: gitfront has no authorized-key yet");
-            return;
-        }
         assert_eq!(out.status.success(), good, "gitfront authorized-key on {key}: {}", text(&out.stderr));
         if good {
             assert_eq!(text(&out.stdout).trim_end(), v["line"].as_str().unwrap(), "the forced command for {key}");
