@@ -31,7 +31,6 @@ pub enum NameError {
 /// when printable, else its code (control characters, NUL).
 fn describe(c: char) -> String {
     match c {
-        '/' => "'/' (repos are per user and flat)".to_string(),
         ' ' => "a space".to_string(),
         '\'' | '"' | '`' => format!("a quote ({c})"),
         c if c.is_ascii_graphic() => format!("'{c}'"),
@@ -120,7 +119,7 @@ impl RepoName {
             alnum,
             "a letter or digit",
             |c| alnum(c) || c == '-',
-            "repo names are letters, digits and '-'",
+            "repo names are letters, digits and '-' (one flat name per user, no paths)",
         )?;
         Ok(RepoName(bare.to_string()))
     }

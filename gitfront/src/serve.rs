@@ -246,4 +246,24 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700);
         let _lock = lock_repo(&dir, &repo).unwrap();
     }
+
+    #[test]
+    fn pushes_to_one_repo_take_turns() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = RepoName::parse("fleet").unwrap();
+        let dir = tmp.path().to_path_buf();
+        let first = lock_repo(&dir, &repo).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let (dir, repo) = (dir.clone(), repo.clone());
+            std::thread::spawn(move || {
+                let _second = lock_repo(&dir, &repo).unwrap();
+                tx.send(()).unwrap();
+            })
+        };
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(300)).is_err(), "second push must wait");
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(5)).expect("second push goes on");
+        waiter.join().unwrap();
+    }
 }

@@ -179,8 +179,12 @@ fn gitfront_failed_build_rejects_only_that_ref() {
     let gamma_runner = runner_of(&nomad::job(&w.agent, ns, "gamma"));
 
     // gamma's new commit does not build; delta's does. One push, both refs.
+    // The pusher's environment reaches the forced command (this sshd
+    // accepts NIX_* and NOMAD_*) and must change nothing: with this
+    // NIX_CONFIG no build could run, with this NOMAD_ADDR no job register.
     let bad = work.commit_flake(&[Host::new("gamma", 4).broken(), Host::new("delta", 5)], "break gamma, add delta");
-    let out = work.push(&["main:gamma", "main:delta"]);
+    let hostile = [("NIX_CONFIG", "max-jobs = 0"), ("NOMAD_ADDR", "http://127.0.0.1:1")];
+    let out = work.push_sending_env(&["main:gamma", "main:delta"], &hostile);
     let log = stderr(&out);
     assert!(!out.status.success(), "the push must fail:\n{log}");
     assert_contains(
@@ -212,6 +216,11 @@ fn gitfront_failed_build_rejects_only_that_ref() {
     assert_eq!(allocs[0]["ClientStatus"], "running");
     nomad::wait_running(&w.agent, ns, "delta", 0, BOOT);
 
+    // Push options never reach the hook: the server does not offer them.
+    let out = work.git(&["push", "-o", "ci.skip", "origin", "main:delta"]);
+    assert!(!out.status.success());
+    assert_contains(&stderr(&out), &["the receiving end does not support push options"]);
+
     // A tag is refused with a reason, and so is a branch that is no host name.
     let out = work.push(&["main:refs/tags/v1", "main:feature/x"]);
     let log = stderr(&out);
@@ -220,7 +229,7 @@ fn gitfront_failed_build_rejects_only_that_ref() {
         &log,
         &[
             "REJECTED refs/tags/v1: refs/tags/v1 is a tag; only branches (refs/heads/<host>) are deployed",
-            "REJECTED refs/heads/feature/x: refs/heads/feature/x cannot be deployed: branch name \"feature/x\" contains '/'",
+            "REJECTED refs/heads/feature/x: refs/heads/feature/x cannot be deployed: branch name \"feature/x\" contains '/'; a branch names a host",
         ],
     );
 }
@@ -318,6 +327,27 @@ fn gitfront_refuses_and_creates_nothing() {
     assert_eq!(work_dirs(tree(dir.path())), work_dirs(before), "files appeared");
     assert_eq!(front.branch_commit("bob", "fleet", "zeta").as_deref(), Some(bob_commit.as_str()));
     assert!(!dir.path().join("state").exists(), "no state dir");
+
+    // The push size limit (`limits.max_push_bytes`; the config is read per
+    // session): a 1 MB incompressible file does not fit in 100 kB.
+    let config = std::fs::read_to_string(&front.config).unwrap();
+    std::fs::write(&front.config, format!("{config}\n[limits]\nmax_push_bytes = 100000\n")).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let noise: Vec<u8> = (0..1_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    std::fs::write(alice.dir.join("blob"), noise).unwrap();
+    alice.git_ok(&["add", "blob"]);
+    alice.git_ok(&["commit", "-q", "-m", "big"]);
+    let out = alice.push(&["main:eta"]);
+    assert!(!out.status.success());
+    assert_contains(&stderr(&out), &["pack exceeds maximum allowed size"]);
+    assert_eq!(front.branch_commit("alice", "fleet", "eta"), None);
 }
 
 #[test]

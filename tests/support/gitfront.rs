@@ -188,11 +188,22 @@ impl Front {
 
     /// `git <args>` in `cwd` as `user`, inside the namespace.
     pub fn git(&self, user: &str, cwd: &Path, args: &[&str]) -> Output {
+        self.git_sending_env(user, cwd, args, &[])
+    }
+
+    /// Like [`Front::git`], with `env` set for ssh and sent to the server
+    /// (`SendEnv`; this sshd accepts `NIX_*` and `NOMAD_*`).
+    pub fn git_sending_env(&self, user: &str, cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut ssh = self.ssh_command(user);
+        for (name, _) in env {
+            ssh += &format!(" -o SendEnv={name}");
+        }
         self.netns
             .command("git")
             .args(args)
             .current_dir(cwd)
-            .env("GIT_SSH_COMMAND", self.ssh_command(user))
+            .envs(env.iter().copied())
+            .env("GIT_SSH_COMMAND", ssh)
             .env("GIT_AUTHOR_NAME", user)
             .env("GIT_AUTHOR_EMAIL", format!("{user}@example.org"))
             .env("GIT_COMMITTER_NAME", user)
@@ -262,9 +273,14 @@ impl Workdir<'_> {
 
     /// `git push origin <refspecs>`; returns the output (not checked).
     pub fn push(&self, refspecs: &[&str]) -> Output {
+        self.push_sending_env(refspecs, &[])
+    }
+
+    /// `git push` with `env` sent to the server through ssh's `SendEnv`.
+    pub fn push_sending_env(&self, refspecs: &[&str], env: &[(&str, &str)]) -> Output {
         let mut args = vec!["push", "--porcelain", "origin"];
         args.extend_from_slice(refspecs);
-        let out = self.git(&args);
+        let out = self.front.git_sending_env(&self.user, &self.dir, &args, env);
         eprintln!(
             "--- git push {refspecs:?} (exit {:?}) ---\n{}{}",
             out.status.code(),
