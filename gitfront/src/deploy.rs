@@ -47,8 +47,12 @@ pub fn deploy(
         ));
         return Ok(());
     }
-    let description = format!("gitfront: {}'s repo {}", spec.user, spec.repo);
-    nomad.ensure_namespace(ns, &description).map_err(DeployError::BeforeRegistration)?;
+    // Created only when missing, so a token limited to existing namespaces
+    // works where the operator creates them beforehand.
+    if !nomad.namespace_exists(ns).map_err(DeployError::BeforeRegistration)? {
+        let description = format!("gitfront: {}'s repo {}", spec.user, spec.repo);
+        nomad.ensure_namespace(ns, &description).map_err(DeployError::BeforeRegistration)?;
+    }
     let registered = nomad.register(ns, &spec.register_body(policy)).map_err(DeployError::BeforeRegistration)?;
     if !registered.warnings.is_empty() {
         log.say(format!("Nomad warns: {}", registered.warnings.trim()));

@@ -308,8 +308,8 @@ impl Client {
         })
     }
 
-    /// Whether the agent answers at all (`GET /v1/agent/self`'s cheaper
-    /// cousin: the namespace read needs no special ACL beyond the namespace).
+    /// Whether `namespace` exists. Also the cheap "is Nomad there at all"
+    /// probe before a build: it needs no ACL beyond reading the namespace.
     pub fn namespace_exists(&self, namespace: &str) -> Result<bool, NomadError> {
         Ok(self.json::<Value>("GET", &format!("/v1/namespace/{namespace}"), None, None)?.is_some())
     }

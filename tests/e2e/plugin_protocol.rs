@@ -90,7 +90,7 @@ async fn handshake_info_schema_and_config() {
 
     let mut driver = DriverClient::new(channel.clone());
     let caps = driver.capabilities(CapabilitiesRequest {}).await.unwrap().into_inner().capabilities.unwrap();
-    assert!(caps.send_signals && !caps.exec);
+    assert!(caps.send_signals && caps.exec);
     let task_schema = driver.task_config_schema(TaskConfigSchemaRequest {}).await.unwrap().into_inner();
     let Some(Block::Object(obj)) = task_schema.spec.and_then(|s| s.block) else { panic!("task schema") };
     let Some(Block::Attr(runner)) = obj.attributes["runner"].block.clone() else { panic!("runner attr") };

@@ -101,6 +101,10 @@ say() { echo "microvm-test-guest: $*"; }
 # The kernel's default is 1 (Ctrl+Alt+Del = immediate hard reboot); real inits set 0 so the
 # kernel sends SIGINT to pid 1 instead. Do the same.
 echo 0 > /proc/sys/kernel/ctrl-alt-del
+# A shutdown asked for while still booting is remembered and honoured once
+# the guest is up (a real init handles it at any time; dying here would panic).
+SHUTDOWN_PENDING=
+trap 'SHUTDOWN_PENDING=1' INT TERM
 
 HOSTNAME=microvm IP= PING= VSOCK= SHARES=
 for arg in $(cat /proc/cmdline); do
@@ -180,6 +184,7 @@ stop_all() { # $1 = poweroff|reboot
 }
 graceful() { trap '' INT TERM; say "graceful shutdown"; stop_all poweroff; }
 trap graceful INT TERM
+[ -n "$SHUTDOWN_PENDING" ] && graceful
 
 say "ready"
 

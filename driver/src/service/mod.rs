@@ -4,6 +4,7 @@
 
 pub mod base;
 pub mod driver;
+pub mod exec;
 pub mod status;
 
 use std::sync::Arc;

@@ -11,6 +11,7 @@
 //! the plugin never has the supervisor as a child and the supervisor is in
 //! its own session.
 
+pub mod console;
 pub mod identity;
 pub mod logsink;
 pub mod protocol;

@@ -123,6 +123,8 @@ pub enum Request {
         signal: i32,
     },
     Status,
+    /// Turns the connection into the VM's serial console (one writer).
+    Console,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

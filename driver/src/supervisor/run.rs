@@ -14,6 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
+use super::console::Console;
 use super::identity::ChildIdentity;
 use super::logsink::LogSink;
 use super::protocol::{self, Event, ExitRecord, LaunchSpec, Pids, Ready, Reply, Request};
@@ -52,6 +53,7 @@ impl EventLog {
 
 struct Shared {
     spec: LaunchSpec,
+    console: Arc<Console>,
     vmm: ProcessId,
     identity: ChildIdentity,
     events: EventLog,
@@ -227,12 +229,15 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
     send_ready(ready, &Ready::Started { pids, virtiofsd_ms, exec_ms });
     events.emit(format!("VM started (microvm-run pid {})", vmm_id.pid));
 
+    // Holding the VMM's stdin open keeps qemu's stdio chardev alive; an
+    // attached console session types into it.
+    let console = Console::new(vmm.stdin.take());
     let pumps = [
-        vmm.stdout.take().map(|out| tokio::spawn(pump(out, LogSink::new(spec.stdout_path.clone())))),
-        vmm.stderr.take().map(|err| tokio::spawn(pump(err, LogSink::new(spec.stderr_path.clone())))),
+        vmm.stdout
+            .take()
+            .map(|out| tokio::spawn(pump(out, LogSink::new(spec.stdout_path.clone()), Some(console.clone())))),
+        vmm.stderr.take().map(|err| tokio::spawn(pump(err, LogSink::new(spec.stderr_path.clone()), None))),
     ];
-    // Holding the VMM's stdin open keeps qemu's stdio chardev alive.
-    let vmm_stdin = vmm.stdin.take();
 
     let (exit_tx, exit_rx) = watch::channel(None);
     tokio::spawn(async move {
@@ -242,6 +247,7 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
 
     let shared = Arc::new(Shared {
         spec,
+        console,
         vmm: vmm_id,
         identity,
         events: events.clone(),
@@ -278,7 +284,7 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
     }
 
     let status = exit_rx.borrow().unwrap_or_else(|| ExitStatus::from_raw(0));
-    finish(&shared, status, &share_ids, pumps, vmm_stdin).await;
+    finish(&shared, status, &share_ids, pumps).await;
     0
 }
 
@@ -298,21 +304,32 @@ fn spawn_vmm(spec: &LaunchSpec, identity: &ChildIdentity) -> Result<tokio::proce
     cmd.spawn().map_err(|e| format!("cannot start {}: {e}", run.display()))
 }
 
-async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, mut sink: LogSink) {
+async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, mut sink: LogSink, console: Option<Arc<Console>>) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => sink.write(&buf[..n]).await,
+            Ok(n) => {
+                if let Some(c) = &console {
+                    c.publish(&buf[..n]);
+                }
+                sink.write(&buf[..n]).await
+            }
         }
     }
 }
 
 async fn serve_control(stream: UnixStream, shared: Arc<Shared>) {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let reply = match serde_json::from_str::<Request>(&line) {
+    let mut reader = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let reply = match serde_json::from_str::<Request>(line.trim_end()) {
             Err(e) => Reply { ok: false, error: Some(format!("bad request: {e}")), pids: None },
             Ok(Request::Stop { timeout }) => {
                 shared.begin_stop(timeout, true, None);
@@ -326,13 +343,32 @@ async fn serve_control(stream: UnixStream, shared: Arc<Shared>) {
                 let pids = protocol::read_json::<Pids>(&shared.spec.task_dir.join(protocol::PIDS_FILE)).ok();
                 Reply { ok: true, error: None, pids }
             }
+            Ok(Request::Console) => match shared.console.attach() {
+                Some(attachment) => {
+                    if send_reply(&mut write, &Reply { ok: true, error: None, pids: None }).await.is_err() {
+                        break;
+                    }
+                    // From here on the connection is the raw console.
+                    shared.console.serve(attachment, reader, write).await;
+                    return;
+                }
+                None => Reply {
+                    ok: false,
+                    error: Some("another session is attached to this VM's console; only one may type at a time".into()),
+                    pids: None,
+                },
+            },
         };
-        let mut text = serde_json::to_vec(&reply).unwrap_or_default();
-        text.push(b'\n');
-        if write.write_all(&text).await.is_err() {
+        if send_reply(&mut write, &reply).await.is_err() {
             break;
         }
     }
+}
+
+async fn send_reply(write: &mut (impl tokio::io::AsyncWrite + Unpin), reply: &Reply) -> std::io::Result<()> {
+    let mut text = serde_json::to_vec(reply).unwrap_or_default();
+    text.push(b'\n');
+    write.write_all(&text).await
 }
 
 /// The VMM is gone: clear up what it used, record the exit, and leave.
@@ -341,9 +377,8 @@ async fn finish(
     status: ExitStatus,
     shares: &[(String, ProcessId)],
     pumps: [Option<tokio::task::JoinHandle<()>>; 2],
-    vmm_stdin: Option<tokio::process::ChildStdin>,
 ) {
-    drop(vmm_stdin);
+    shared.console.close_input().await;
     // Whatever the runner left in the VMM's group goes too.
     crate::proc::kill_group(shared.vmm.pid, Signal::SIGKILL);
     let stop_task = shared.stop_task.lock().ok().and_then(|mut t| t.take());
@@ -410,6 +445,27 @@ async fn watch_commit(shared: Arc<Shared>) {
     shared.events.emit(reason.clone());
     shared.abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
     shared.begin_stop(Duration::ZERO, false, Some(reason));
+}
+
+/// Attaches to a task's console: the returned stream is the raw console.
+pub async fn attach_console(task_dir: &Path) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(task_dir.join(protocol::CONTROL_SOCKET)).await?;
+    let mut text = serde_json::to_vec(&Request::Console).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    stream.write_all(&text).await?;
+    // Read the reply byte by byte: what follows it is console output.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 4096 {
+        stream.read_exact(&mut byte).await?;
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    let reply: Reply =
+        serde_json::from_slice(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if reply.ok { Ok(stream) } else { Err(std::io::Error::other(reply.error.unwrap_or_default())) }
 }
 
 /// One request over a task's control socket (used by the plugin).

@@ -83,6 +83,8 @@ pub enum TaskError {
     Gone(String),
     #[error("{0}")]
     Signal(String),
+    #[error("cannot attach to the console")]
+    Console(#[source] std::io::Error),
 }
 
 impl TaskError {
@@ -420,6 +422,23 @@ impl Tasks {
             result: exit.map(|(r, _)| r),
             attributes,
         })
+    }
+
+    /// Attaches to the VM's serial console (see `supervisor::console`).
+    pub async fn console(&self, id: &str) -> Result<tokio::net::UnixStream, TaskError> {
+        let tracked = self.get(id).ok_or_else(|| TaskError::NotFound(id.to_string()))?;
+        if Self::exited(&tracked) {
+            return Err(TaskError::Signal("the VM is not running".into()));
+        }
+        crate::supervisor::run::attach_console(&tracked.state.task_dir).await.map_err(TaskError::Console)
+    }
+
+    /// The guest's vsock CID, from the booted runner, for `alloc exec`.
+    pub fn vsock_cid(&self, id: &str) -> Result<Option<u32>, TaskError> {
+        let tracked = self.get(id).ok_or_else(|| TaskError::NotFound(id.to_string()))?;
+        let runner = crate::runner::Runner::read(&tracked.state.runner)
+            .map_err(|source| TaskError::Runner { path: tracked.state.runner.clone(), source })?;
+        Ok(runner.vsock_cid)
     }
 
     /// The processes whose usage is the task's: VMM, virtiofsd, supervisor.

@@ -1,0 +1,123 @@
+//! Operating a microVM through `nomad alloc`: console, exec, signal,
+//! restart and stats.
+
+use std::process::Command;
+use std::time::Duration;
+
+use microvm_e2e::vm::World;
+use microvm_e2e::{nomad_bin, require_root, wait_until};
+
+const BOOT: Duration = Duration::from_secs(120);
+
+/// A terminal program under tmux, inside the test's network namespace.
+struct Tmux {
+    session: String,
+}
+
+impl Tmux {
+    fn start(w: &World, name: &str, args: &[&str]) -> Tmux {
+        let session = format!("{name}-{}", std::process::id());
+        let cmd = format!(
+            "ip netns exec {} env NOMAD_ADDR=http://127.0.0.1:4646 {} {}",
+            w.netns.name,
+            nomad_bin().display(),
+            args.join(" ")
+        );
+        let ok = Command::new("tmux")
+            .args(["new-session", "-d", "-s", &session, "-x", "160", "-y", "40", &cmd])
+            .status()
+            .expect("tmux");
+        assert!(ok.success());
+        Tmux { session }
+    }
+
+    fn type_line(&self, text: &str) {
+        assert!(Command::new("tmux").args(["send-keys", "-t", &self.session, "-l", text]).status().unwrap().success());
+        assert!(Command::new("tmux").args(["send-keys", "-t", &self.session, "Enter"]).status().unwrap().success());
+    }
+
+    fn screen(&self) -> String {
+        let out =
+            Command::new("tmux").args(["capture-pane", "-p", "-t", &self.session, "-S", "-200"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["kill-session", "-t", &self.session]).status();
+    }
+}
+
+#[test]
+fn console_session_exec_signal_restart_and_stats() {
+    if !require_root("console_session_exec_signal_restart_and_stats") {
+        return;
+    }
+    let w = World::new("ops", true, "");
+    let runner = w.runner("ops", 81, &[]);
+    assert!(w.run_vm_job("ops", &runner, 3).status.success());
+    let alloc = w.agent.wait_running("ops", "vm", BOOT);
+    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+
+    // 1. A console session types at the guest's shell and reads the answer;
+    //    `nomad alloc logs` sees it too.
+    let console = Tmux::start(&w, "console", &["alloc", "exec", "-i", "-t", &alloc, "console"]);
+    std::thread::sleep(Duration::from_secs(2));
+    console.type_line("echo hello-$((6*7))");
+    wait_until("the guest's answer on the console", Duration::from_secs(30), Duration::from_millis(500), || {
+        let screen = console.screen();
+        if screen.contains("hello-42") { Ok(()) } else { Err(screen) }
+    });
+    w.wait_console(&alloc, "hello-42", Duration::from_secs(10));
+
+    // A second session may not type at the same time.
+    let second = w.agent.nomad(&["alloc", "exec", "-i=false", "-t=false", &alloc, "console"]);
+    let text = String::from_utf8_lossy(&second.stderr).to_string() + &String::from_utf8_lossy(&second.stdout);
+    assert!(text.contains("another session is attached"), "{text}");
+    assert!(!second.status.success());
+
+    // Leaving the session leaves the VM running.
+    drop(console);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(w.agent.api(&format!("/v1/allocation/{alloc}"))["TaskStates"]["vm"]["State"], "running");
+
+    // 2. Commands need vsock in the guest; this runner has none: say so.
+    let exec = w.agent.nomad(&["alloc", "exec", "-i=false", "-t=false", &alloc, "uname", "-a"]);
+    let text = String::from_utf8_lossy(&exec.stderr).to_string() + &String::from_utf8_lossy(&exec.stdout);
+    assert!(text.contains("microvm.vsock.cid"), "{text}");
+    assert!(!exec.status.success());
+
+    // 3. `nomad alloc status -stats`: real CPU and memory of the VM.
+    wait_until("non-zero stats in alloc status", Duration::from_secs(30), Duration::from_secs(1), || {
+        let status = w.agent.nomad_ok(&["alloc", "status", "-stats", &alloc]);
+        let usage = status.lines().skip_while(|l| !l.starts_with("CPU")).nth(1).unwrap_or("").to_string();
+        if !usage.starts_with("0/") && usage.contains("MiB") && !usage.contains(" 0 B/") { Ok(()) } else { Err(status) }
+    });
+
+    // 4. SIGTERM is a graceful guest shutdown; Nomad then restarts the VM.
+    let work = w.work_dir("ops");
+    let boots = || std::fs::read_to_string(work.join("data/microvm-marker")).unwrap_or_default();
+    w.agent.nomad_ok(&["alloc", "signal", "-s", "SIGTERM", &alloc, "vm"]);
+    w.wait_console(&alloc, "microvm-test-guest: graceful shutdown", Duration::from_secs(60));
+    wait_until("the VM to boot again", BOOT, Duration::from_millis(500), || {
+        if boots().contains("boot=2") { Ok(()) } else { Err(boots()) }
+    });
+
+    // 5. `nomad alloc restart` shuts the same VM down gracefully and boots it again.
+    wait_until("the second boot to be ready", BOOT, Duration::from_millis(500), || {
+        let logs = w.agent.alloc_logs(&alloc, "vm", false);
+        let n = logs.matches("microvm-test-guest: ready").count();
+        if n >= 2 { Ok(()) } else { Err(format!("{n} ready lines")) }
+    });
+    w.agent.nomad_ok(&["alloc", "restart", &alloc, "vm"]);
+    wait_until("the VM to boot a third time", BOOT, Duration::from_millis(500), || {
+        if boots().contains("boot=3") { Ok(()) } else { Err(boots()) }
+    });
+    let events = w.agent.task_events(&alloc, "vm");
+    let after_restart = events.split("Restart Signaled").nth(1).unwrap_or_default();
+    assert!(after_restart.contains("graceful shutdown: running microvm-shutdown"), "{events}");
+    assert!(after_restart.contains("virtiofsd ready for share(s) data"), "virtiofsd re-launched:\n{events}");
+    let logs = w.agent.alloc_logs(&alloc, "vm", false);
+    assert!(logs.matches("microvm-test-guest: graceful shutdown").count() >= 2, "{logs}");
+}
