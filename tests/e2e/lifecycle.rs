@@ -261,3 +261,36 @@ fn vm_survives_plugin_crash_and_agent_restarts_then_stops_cleanly() {
         if pgrep("microvm@rec").is_empty() { Ok(()) } else { Err("still running".into()) }
     });
 }
+
+#[test]
+fn a_runner_missing_on_the_node_is_fetched_from_the_binary_cache() {
+    if !require_root("a_runner_missing_on_the_node_is_fetched_from_the_binary_cache") {
+        return;
+    }
+    let cache_dir = microvm_e2e::open_tempdir();
+    let cache = format!("file://{}", cache_dir.path().display());
+    let w = World::new("fetch", true, &format!("    substituters = [\"{cache}\"]\n"));
+    let runner = w.runner("fe", 91, &[]);
+    let nix = |args: &[&str]| {
+        let out = std::process::Command::new("nix")
+            .args(["--extra-experimental-features", "nix-command", "--option", "substituters", ""])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nix {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    };
+    nix(&["copy", "--to", &cache, runner.to_str().unwrap()]);
+    // Drop it from the local store (and the out-link keeping it alive).
+    std::fs::remove_file(w.dir.path().join("runners/microvm-qemu-fe")).unwrap();
+    let out = std::process::Command::new("nix-store").arg("--delete").arg(&runner).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!runner.exists());
+
+    assert!(w.run_vm_job("fe", &runner, 0).status.success());
+    let alloc = w.agent.wait_running("fe", "vm", BOOT);
+    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let events = w.agent.task_events(&alloc, "vm");
+    assert!(events.contains("runner not on this node: fetching"), "{events}");
+    assert!(events.contains(&format!("fetched the runner from {cache}")), "{events}");
+    assert!(runner.exists());
+}
