@@ -3,6 +3,7 @@
 //! one push, the deploy logs follow each other and stay readable.
 
 use std::fmt::Display;
+use std::io::Write;
 
 pub struct Log {
     tag: String,
@@ -13,15 +14,18 @@ impl Log {
         Log { tag: tag.to_string() }
     }
 
-    /// One line.
+    /// One line. A pusher who hung up must not make the hook fail half way
+    /// (e.g. between registering a job and recording it): write errors are
+    /// ignored, where `eprintln!` would panic.
     pub fn say(&self, msg: impl Display) {
-        eprintln!("[{}] {msg}", self.tag);
+        let _ = writeln!(std::io::stderr(), "[{}] {msg}", self.tag);
     }
 
     /// Command output, indented under the line that introduced it.
     pub fn quote(&self, lines: &[String]) {
+        let mut err = std::io::stderr().lock();
         for line in lines {
-            eprintln!("[{}]   | {line}", self.tag);
+            let _ = writeln!(err, "[{}]   | {line}", self.tag);
         }
     }
 }

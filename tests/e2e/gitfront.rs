@@ -395,4 +395,8 @@ fn gitfront_nomad_down_rejects_the_push_and_registers_nothing() {
     assert!(!missing.status.success() || text(&missing.stdout).contains("not found"), "zeta exists");
     let allocs = nomad::allocs(&w.agent, ns, "epsilon");
     assert_eq!(allocs[0]["ID"], alloc.as_str());
+    let st = front.ssh("alice", Some("status"));
+    assert!(st.status.success(), "{}", stderr(&st));
+    assert_contains(&text(&st.stdout), &["solo/epsilon: ", "version 0", &first[..8]]);
+    assert!(!text(&st.stdout).contains("zeta"), "{}", text(&st.stdout));
 }
