@@ -30,13 +30,7 @@ fn runners_shares_and_bridges_outside_the_rules_are_refused() {
     for (job, hcl, wanted) in cases {
         let submitted = w.agent.run_job(job, &hcl);
         assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
-        let events =
-            wait_until(&format!("job {job} to fail"), Duration::from_secs(60), Duration::from_millis(500), || {
-                let allocs = w.agent.allocs(job);
-                let a = allocs.first().ok_or("no allocation")?;
-                let events = w.agent.task_events(a["ID"].as_str().unwrap_or_default(), "vm");
-                if a["ClientStatus"] == "failed" { Ok(events) } else { Err(events) }
-            });
+        let events = w.agent.wait_failed(job, "vm");
         assert!(events.contains(wanted), "case {job}: events lack {wanted:?}:\n{events}");
         assert!(events.contains("Not Restarting"), "a policy refusal is not retried: {events}");
     }
@@ -60,10 +54,7 @@ fn a_share_source_swapped_for_a_symlink_is_refused() {
     // The VMM user owns the VM's working dir, so it could replace a share's
     // source with a link to /etc between two boots; virtiofsd runs as root.
     let w = World::new("symlink", true, "");
-    let runner = w.runner("sym", 52, &[]);
-    assert!(w.run_vm_job("sym", &runner, 0).status.success());
-    let alloc = w.agent.wait_running("sym", "vm", Duration::from_secs(120));
-    w.wait_console(&alloc, "microvm-test-guest: ready", Duration::from_secs(120));
+    let (runner, _) = w.boot("sym", 52, 0);
     w.agent.nomad_ok(&["job", "stop", "-purge", "-detach", "sym"]);
     wait_until("the VM to stop", Duration::from_secs(60), Duration::from_millis(500), || {
         if pgrep("microvm@sym").is_empty() { Ok(()) } else { Err("running".into()) }
@@ -79,12 +70,7 @@ fn a_share_source_swapped_for_a_symlink_is_refused() {
     .unwrap();
 
     assert!(w.run_vm_job("sym", &runner, 0).status.success());
-    let events = wait_until("the second start to fail", Duration::from_secs(60), Duration::from_millis(500), || {
-        let allocs = w.agent.allocs("sym");
-        let a = allocs.first().ok_or("no allocation")?;
-        let events = w.agent.task_events(a["ID"].as_str().unwrap_or_default(), "vm");
-        if a["ClientStatus"] == "failed" { Ok(events) } else { Err(events) }
-    });
+    let events = w.agent.wait_failed("sym", "vm");
     assert!(events.contains("refused by `allowed_share_roots`: share \"data\" has source /etc"), "{events}");
     assert!(pgrep("microvm@sym").is_empty());
 }

@@ -26,10 +26,7 @@ fn killed_vmm_fails_the_task_with_the_reason_and_nomad_restarts_it() {
         return;
     }
     let w = World::new("killvmm", true, "");
-    let runner = w.runner("kv", 61, &[]);
-    assert!(w.run_vm_job("kv", &runner, 2).status.success());
-    let alloc = w.agent.wait_running("kv", "vm", BOOT);
-    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let (_, alloc) = w.boot("kv", 61, 2);
     let vmm = one_vmm("kv");
     kill(Pid::from_raw(vmm), Signal::SIGKILL).unwrap();
     wait_until("the VM to boot again", BOOT, Duration::from_millis(500), || {
@@ -48,10 +45,7 @@ fn killed_virtiofsd_is_reported_and_the_vm_restarted() {
         return;
     }
     let w = World::new("killvfs", true, "");
-    let runner = w.runner("kf", 62, &[]);
-    assert!(w.run_vm_job("kf", &runner, 2).status.success());
-    let alloc = w.agent.wait_running("kf", "vm", BOOT);
-    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let (_, alloc) = w.boot("kf", 62, 2);
     let work = w.work_dir("kf");
     // The virtiofsd the supervisor started (its sandbox has a child too).
     let pids = w.task_pids();
@@ -104,10 +98,7 @@ fn plugin_killed_during_stop_the_stop_still_completes() {
         return;
     }
     let w = World::new("killstop", true, "");
-    let runner = w.runner("kp", 64, &[]);
-    assert!(w.run_vm_job("kp", &runner, 0).status.success());
-    let alloc = w.agent.wait_running("kp", "vm", BOOT);
-    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let (_, alloc) = w.boot("kp", 64, 0);
     let plugin = w.agent.plugin_pids();
     w.agent.nomad_ok(&["job", "stop", "-detach", "kp"]);
     // The stop request is on its way: kill the plugin as soon as it starts.

@@ -132,10 +132,7 @@ fn guest_reboot_is_restarted_by_nomad_with_virtiofsd_back() {
         return;
     }
     let w = World::new("reboot", true, "");
-    let runner = w.runner("rb", 21, &[]);
-    assert!(w.run_vm_job("rb", &runner, 2).status.success());
-    let alloc = w.agent.wait_running("rb", "vm", BOOT);
-    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let (_, alloc) = w.boot("rb", 21, 2);
     let first_pid = vmm_pid(&w, "rb");
     let work = w.work_dir("rb");
     assert!(std::fs::read_to_string(work.join("data/microvm-marker")).unwrap().contains("boot=1"));
@@ -187,13 +184,7 @@ fn bad_runners_fail_with_the_problem_named_and_leave_nothing() {
     ];
     for (job, runner, wanted) in cases {
         assert!(w.run_vm_job(job, std::path::Path::new(&runner), 0).status.success());
-        let events =
-            wait_until(&format!("job {job} to fail"), Duration::from_secs(60), Duration::from_millis(500), || {
-                let allocs = w.agent.allocs(job);
-                let a = allocs.first().ok_or("no allocation")?;
-                let events = w.agent.task_events(a["ID"].as_str().unwrap_or_default(), "vm");
-                if a["ClientStatus"] == "failed" { Ok(events) } else { Err(events) }
-            });
+        let events = w.agent.wait_failed(job, "vm");
         assert!(events.contains(wanted), "case {job}: events lack {wanted:?}:\n{events}");
     }
     // Nothing left behind: no task dirs, no claims, no VMM, no tap.
@@ -211,10 +202,7 @@ fn vm_survives_plugin_crash_and_agent_restarts_then_stops_cleanly() {
         return;
     }
     let mut w = World::new("recover", false, "");
-    let runner = w.runner("rec", 41, &[]);
-    assert!(w.run_vm_job("rec", &runner, 0).status.success());
-    let alloc = w.agent.wait_running("rec", "vm", BOOT);
-    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let (_, alloc) = w.boot("rec", 41, 0);
     let vmm = vmm_pid(&w, "rec");
 
     // 1. kill -9 of the plugin: Nomad relaunches it and recovers the task.

@@ -118,29 +118,7 @@ fn task_config_typos_and_wrong_types_fail_validation_naming_the_key() {
         ("missing", "bridge = \"br0\"", vec!["The argument \"runner\" is required"]),
     ];
     for (name, config, wanted) in cases {
-        let job = format!(
-            r#"job "{name}" {{
-  datacenters = ["*"]
-  type = "service"
-  group "g" {{
-    restart {{
-      attempts = 0
-      mode = "fail"
-    }}
-    reschedule {{
-      attempts = 0
-      unlimited = false
-    }}
-    task "vm" {{
-      driver = "microvm"
-      config {{
-        {config}
-      }}
-    }}
-  }}
-}}
-"#
-        );
+        let job = microvm_e2e::vm::job_hcl(name, config, 0);
         // Nomad servers do not know driver schemas: the job is accepted and
         // the client refuses the task before StartTask, naming the key.
         let out = agent.run_job(name, &job);

@@ -55,10 +55,7 @@ fn console_session_exec_signal_restart_and_stats() {
         return;
     }
     let w = World::new("ops", true, "");
-    let runner = w.runner("ops", 81, &[]);
-    assert!(w.run_vm_job("ops", &runner, 3).status.success());
-    let alloc = w.agent.wait_running("ops", "vm", BOOT);
-    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    let (_, alloc) = w.boot("ops", 81, 3);
 
     // 1. A console session types at the guest's shell and reads the answer;
     //    `nomad alloc logs` sees it too.

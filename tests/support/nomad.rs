@@ -41,13 +41,7 @@ impl Agent {
     /// Writes the agent config into `dir`, links our driver into a plugin
     /// dir, starts the agent and waits until its node is registered.
     pub fn start(netns: Arc<Netns>, dir: &Path, opts: AgentOpts) -> Agent {
-        let plugin_dir = dir.join("plugins");
-        std::fs::create_dir_all(&plugin_dir).expect("plugin dir");
-        let link = plugin_dir.join("nomad-driver-microvm");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(driver_bin(), &link).expect("link driver");
-        let mut agent = Agent { netns, dir: dir.to_path_buf(), plugin_dir, opts, process: None };
-        agent.write_config();
+        let mut agent = Agent::prepare(netns, dir, opts);
         agent.launch();
         agent.wait_ready();
         agent
@@ -56,18 +50,24 @@ impl Agent {
     /// Starts an agent expected to refuse its config: waits for it to exit
     /// and returns its log.
     pub fn start_expecting_failure(netns: Arc<Netns>, dir: &Path, opts: AgentOpts) -> String {
-        let plugin_dir = dir.join("plugins");
-        std::fs::create_dir_all(&plugin_dir).expect("plugin dir");
-        let link = plugin_dir.join("nomad-driver-microvm");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(driver_bin(), &link).expect("link driver");
-        let mut agent = Agent { netns, dir: dir.to_path_buf(), plugin_dir, opts, process: None };
-        agent.write_config();
+        let mut agent = Agent::prepare(netns, dir, opts);
         agent.launch();
         let status = agent.process.as_mut().and_then(|p| p.wait_exit(Duration::from_secs(60)));
         assert!(status.is_some(), "the agent kept running despite the bad config:\n{}", agent.log());
         agent.process.take();
         agent.log()
+    }
+
+    /// Links our driver into a plugin dir and writes the agent config.
+    fn prepare(netns: Arc<Netns>, dir: &Path, opts: AgentOpts) -> Agent {
+        let plugin_dir = dir.join("plugins");
+        std::fs::create_dir_all(&plugin_dir).expect("plugin dir");
+        let link = plugin_dir.join("nomad-driver-microvm");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(driver_bin(), &link).expect("link driver");
+        let agent = Agent { netns, dir: dir.to_path_buf(), plugin_dir, opts, process: None };
+        agent.write_config();
+        agent
     }
 
     fn write_config(&self) {
@@ -237,6 +237,17 @@ plugin "raw_exec" {{
                 panic!("allocation failed: {}", events_text(state));
             }
             Err(format!("{} / {}", a["ClientStatus"], events_text(state)))
+        })
+    }
+
+    /// Waits until the job's newest allocation failed; returns the events
+    /// of its task `task`.
+    pub fn wait_failed(&self, job: &str, task: &str) -> String {
+        wait_until(&format!("job {job} to fail"), Duration::from_secs(60), Duration::from_millis(500), || {
+            let allocs = self.allocs(job);
+            let a = allocs.first().ok_or("no allocation yet")?;
+            let events = self.task_events(a["ID"].as_str().unwrap_or_default(), task);
+            if a["ClientStatus"] == "failed" { Ok(events) } else { Err(events) }
         })
     }
 

@@ -11,6 +11,8 @@ use crate::{Agent, AgentOpts, Netns, open_tempdir, wait_until};
 
 pub const BRIDGE: &str = "br0";
 pub const HOST_ADDR: &str = "192.0.2.1";
+/// How long a boot under TCG may take on a busy 2-core machine.
+pub const BOOT_LIMIT: Duration = Duration::from_secs(120);
 
 pub struct World {
     pub dir: tempfile::TempDir,
@@ -98,6 +100,17 @@ impl World {
         serde_json::from_str(&text).expect("pids.json is JSON")
     }
 
+    /// Makes runner `host` (see [`World::runner`]), runs it as job `host`,
+    /// and waits until the guest is ready; returns the runner and the alloc.
+    pub fn boot(&self, host: &str, ip_suffix: u8, restart_attempts: u32) -> (PathBuf, String) {
+        let runner = self.runner(host, ip_suffix, &[]);
+        let out = self.run_vm_job(host, &runner, restart_attempts);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let alloc = self.agent.wait_running(host, "vm", BOOT_LIMIT);
+        self.wait_console(&alloc, "microvm-test-guest: ready", BOOT_LIMIT);
+        (runner, alloc)
+    }
+
     /// Waits until the task's console (alloc logs) contains `text`.
     pub fn wait_console(&self, alloc: &str, text: &str, limit: Duration) -> String {
         wait_until(&format!("console to show {text:?}"), limit, Duration::from_millis(500), || {
@@ -111,8 +124,9 @@ impl World {
     }
 }
 
-/// A service job running one microVM task named "vm".
-pub fn vm_job(job: &str, runner: &Path, restart_attempts: u32, extra_config: &str) -> String {
+/// A service job with one `driver = "microvm"` task named "vm" whose
+/// `config {}` body is `config`; no reschedules, `restart_attempts` restarts.
+pub fn job_hcl(job: &str, config: &str, restart_attempts: u32) -> String {
     format!(
         r#"job "{job}" {{
   datacenters = ["*"]
@@ -132,8 +146,7 @@ pub fn vm_job(job: &str, runner: &Path, restart_attempts: u32, extra_config: &st
       driver = "microvm"
       kill_timeout = "25s"
       config {{
-        runner = "{runner}"
-        {extra_config}
+        {config}
       }}
       resources {{
         cpu    = 200
@@ -142,9 +155,13 @@ pub fn vm_job(job: &str, runner: &Path, restart_attempts: u32, extra_config: &st
     }}
   }}
 }}
-"#,
-        runner = runner.display()
+"#
     )
+}
+
+/// A job running `runner`, with `extra_config` lines in its task config.
+pub fn vm_job(job: &str, runner: &Path, restart_attempts: u32, extra_config: &str) -> String {
+    job_hcl(job, &format!("runner = \"{}\"\n        {extra_config}", runner.display()), restart_attempts)
 }
 
 /// Processes whose command line mentions `needle` (pgrep -f).
