@@ -423,16 +423,21 @@ pub struct NamespaceError {
 /// Checks that `template` uses only `allowed` placeholders and every one of
 /// `required`.
 fn check_template(template: &str, allowed: &[&str], required: &[&str]) -> Result<(), String> {
+    // A placeholder is `{` lower-case letters or '_' `}`; other braces (a Nix
+    // expression in an argument, say) are literal text.
     let mut rest = template;
     while let Some(start) = rest.find('{') {
-        let Some(len) = rest[start..].find('}') else {
-            return Err(format!("unclosed '{{' in {template:?}"));
-        };
-        let ph = &rest[start..start + len + 1];
-        if !allowed.contains(&ph) {
-            return Err(format!("unknown placeholder {ph} (known: {})", allowed.join(" ")));
+        let word_len = rest[start + 1..].find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(0);
+        let end = start + 1 + word_len;
+        if word_len > 0 && rest[end..].starts_with('}') {
+            let ph = &rest[start..=end];
+            if !allowed.contains(&ph) {
+                return Err(format!("unknown placeholder {ph} (known: {})", allowed.join(" ")));
+            }
+            rest = &rest[end + 1..];
+        } else {
+            rest = &rest[start + 1..];
         }
-        rest = &rest[start + len + 1..];
     }
     if let Some(missing) = required.iter().find(|r| !template.contains(*r)) {
         if *missing == "{installable}" {
@@ -572,6 +577,13 @@ max_mem = 1024
         );
         let e = parse("repos = 1").unwrap_err();
         assert!(e.contains("repos"), "{e}");
+    }
+
+    #[test]
+    fn literal_braces_are_not_placeholders() {
+        let c = parse("[build]\neval_command = [\"nix\", \"eval\", \"{installable}\", \"--apply\", \"{apply}\", \"--arg\", \"x\", \"{ y = 1; }\"]")
+            .unwrap();
+        assert_eq!(c.build.eval_command.last().unwrap(), "{ y = 1; }");
     }
 
     #[test]

@@ -180,3 +180,77 @@ impl<'a> HostBuild<'a> {
         Ok(done.elapsed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config whose commands are `sh -c <script>` with the placeholders
+    /// as positional parameters (`$0`, `$1`, …).
+    fn config(eval: &str, build: &str, timeout: &str) -> Config {
+        let argv = |script: &str, phs: &[&str]| {
+            let mut v = vec!["\"sh\"".to_string(), "\"-c\"".into(), format!("{script:?}")];
+            v.extend(phs.iter().map(|p| format!("{p:?}")));
+            format!("[{}]", v.join(", "))
+        };
+        let text = format!(
+            "path = \"/usr/bin:/bin\"\n[build]\ntimeout = \"{timeout}\"\neval_command = {}\ncommand = {}\n",
+            argv(eval, &["{installable}", "{apply}"]),
+            argv(build, &["{installable}", "{out_link}"]),
+        );
+        Config::parse(Path::new("/t.toml"), &text).unwrap()
+    }
+
+    fn branch() -> Branch {
+        Branch::parse("alpha").unwrap()
+    }
+
+    #[test]
+    fn reads_the_guest_size_and_names_bad_output() {
+        let b = branch();
+        let c = config(r#"echo '{"vcpu": 2, "mem": 128}'"#, "true", "10s");
+        assert_eq!(HostBuild::new(&c, Path::new("/src"), &b).guest().unwrap(), Guest { vcpu: 2, mem: 128 });
+        let c = config(r#"echo '{"vcpu": 0, "mem": 128}'"#, "true", "10s");
+        let e = HostBuild::new(&c, Path::new("/src"), &b).guest().unwrap_err();
+        assert!(e.to_string().starts_with("nixosConfigurations.alpha.config.microvm evaluated to "), "{e}");
+        let c = config("echo 'error: attribute missing' >&2; exit 1", "true", "10s");
+        let e = HostBuild::new(&c, Path::new("/src"), &b).guest().unwrap_err();
+        assert_eq!(e.to_string(), "evaluating nixosConfigurations.alpha.config.microvm failed");
+        assert_eq!(e.output(), ["error: attribute missing"]);
+    }
+
+    #[test]
+    fn passes_the_installable_and_reads_the_out_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = branch();
+        // $0 = {installable}, $1 = {out_link}
+        let c = config("true", r#"echo "$0" > "$1.seen"; ln -s /nix/store/aaaa-microvm-qemu-alpha "$1""#, "10s");
+        let link = tmp.path().join("roots/alpha");
+        let runner = HostBuild::new(&c, Path::new("/src"), &b).runner(&link).unwrap();
+        assert_eq!(runner, Path::new("/nix/store/aaaa-microvm-qemu-alpha"));
+        let seen = std::fs::read_to_string(tmp.path().join("roots/alpha.seen")).unwrap();
+        assert_eq!(seen.trim(), "path:/src#nixosConfigurations.alpha.config.microvm.declaredRunner");
+
+        let c = config("true", r#"ln -sfn /tmp/elsewhere "$1""#, "10s");
+        let e = HostBuild::new(&c, Path::new("/src"), &b).runner(&link).unwrap_err();
+        assert!(matches!(e, BuildError::NotInStore { .. }), "{e}");
+        let c = config("true", "echo 'builder failed' >&2; exit 1", "10s");
+        let e = HostBuild::new(&c, Path::new("/src"), &b).runner(&tmp.path().join("x")).unwrap_err();
+        assert_eq!(e.output(), ["builder failed"]);
+    }
+
+    #[test]
+    fn a_build_over_the_time_limit_is_killed_and_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = branch();
+        let c = config("true", "echo compiling; sleep 30", "1s");
+        let started = std::time::Instant::now();
+        let e = HostBuild::new(&c, Path::new("/src"), &b).runner(&tmp.path().join("r")).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(
+            e.to_string(),
+            "building nixosConfigurations.alpha.config.microvm.declaredRunner exceeded the build time limit of 1s"
+        );
+        assert_eq!(e.output(), ["compiling"]);
+    }
+}
