@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use microvm_e2e::runner::make_runner;
-use microvm_e2e::vm::{World, pgrep, vm_job};
+use microvm_e2e::vm::{World, vm_job};
 use microvm_e2e::{require_root, wait_until};
 
 #[test]
@@ -36,7 +36,7 @@ fn runners_shares_and_bridges_outside_the_rules_are_refused() {
     }
     // Nothing started, nothing left.
     for host in ["etc", "slash", "esc", "tmp", "fine"] {
-        assert!(pgrep(&format!("microvm@{host}")).is_empty(), "{host} has a VMM");
+        assert!(w.vmm_pids(&host).is_empty(), "{host} has a VMM");
     }
     let links = w.netns.links();
     assert!(links.iter().all(|l| !l.starts_with("vm-")), "{links:?}");
@@ -57,7 +57,7 @@ fn a_share_source_swapped_for_a_symlink_is_refused() {
     let (runner, _) = w.boot("sym", 52, 0);
     w.agent.nomad_ok(&["job", "stop", "-purge", "-detach", "sym"]);
     wait_until("the VM to stop", Duration::from_secs(60), Duration::from_millis(500), || {
-        if pgrep("microvm@sym").is_empty() { Ok(()) } else { Err("running".into()) }
+        if w.vmm_pids("sym").is_empty() { Ok(()) } else { Err("running".into()) }
     });
     let data = w.work_dir("sym").join("data");
     std::fs::remove_dir_all(&data).unwrap();
@@ -72,5 +72,5 @@ fn a_share_source_swapped_for_a_symlink_is_refused() {
     assert!(w.run_vm_job("sym", &runner, 0).status.success());
     let events = w.agent.wait_failed("sym", "vm");
     assert!(events.contains("refused by `allowed_share_roots`: share \"data\" has source /etc"), "{events}");
-    assert!(pgrep("microvm@sym").is_empty());
+    assert!(w.vmm_pids("sym").is_empty());
 }

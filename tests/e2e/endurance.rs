@@ -27,7 +27,7 @@ fn twenty_agent_restarts_lose_no_vm() {
     for a in &allocs {
         w.wait_console(a, "microvm-test-guest: ready", BOOT);
     }
-    let vmms = |_: &World| -> Vec<Vec<i32>> { hosts.iter().map(|h| pgrep(&format!("microvm@{h}"))).collect() };
+    let vmms = |w: &World| -> Vec<Vec<i32>> { hosts.iter().map(|h| w.vmm_pids(h)).collect() };
     let before = vmms(&w);
     assert!(before.iter().all(|p| p.len() == 1), "{before:?}");
 
@@ -149,7 +149,7 @@ async fn hundred_start_stop_cycles_leak_nothing() {
     assert_eq!(work_dirs.len(), 1, "one VM work dir, kept for its volumes");
     let work = work_dirs[0].path();
     let leftovers = [
-        pgrep("microvm@cy"),
+        microvm_e2e::vm::vmm_pids_under("cy", &state_dir),
         pgrep(&format!("supervise {}", state_dir.display())),
         pgrep(&format!("--shared-dir={}", work.display())),
     ]

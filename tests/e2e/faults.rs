@@ -14,8 +14,8 @@ fn boot_count(w: &World, job: &str) -> String {
     std::fs::read_to_string(w.work_dir(job).join("data/microvm-marker")).unwrap_or_default()
 }
 
-fn one_vmm(host: &str) -> i32 {
-    let pids = pgrep(&format!("microvm@{host}"));
+fn one_vmm(w: &World, host: &str) -> i32 {
+    let pids = w.vmm_pids(host);
     assert_eq!(pids.len(), 1, "exactly one VMM for {host}: {pids:?}");
     pids[0]
 }
@@ -27,7 +27,7 @@ fn killed_vmm_fails_the_task_with_the_reason_and_nomad_restarts_it() {
     }
     let w = World::new("killvmm", true, "");
     let (_, alloc) = w.boot("kv", 61, 2);
-    let vmm = one_vmm("kv");
+    let vmm = one_vmm(&w, "kv");
     kill(Pid::from_raw(vmm), Signal::SIGKILL).unwrap();
     wait_until("the VM to boot again", BOOT, Duration::from_millis(500), || {
         let m = boot_count(&w, "kv");
@@ -36,7 +36,7 @@ fn killed_vmm_fails_the_task_with_the_reason_and_nomad_restarts_it() {
     let events = w.agent.task_events(&alloc, "vm");
     assert!(events.contains("VM killed by signal 9"), "{events}");
     assert!(events.contains("Restarting"), "{events}");
-    assert_ne!(one_vmm("kv"), vmm);
+    assert_ne!(one_vmm(&w, "kv"), vmm);
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn plugin_killed_during_start_leaves_no_orphan() {
     let alloc = w.agent.wait_running("ks", "vm", BOOT);
     w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
     std::thread::sleep(Duration::from_secs(3));
-    one_vmm("ks");
+    one_vmm(&w, "ks");
     let task_dirs = std::fs::read_dir(&tasks).unwrap().count();
     assert_eq!(task_dirs, 1, "only the running task's dir is left");
     let supervisors = pgrep(&format!("supervise {}", tasks.display()));
@@ -110,7 +110,7 @@ fn plugin_killed_during_stop_the_stop_still_completes() {
             .and_then(|e| e.ok())
             .and_then(|e| std::fs::read_to_string(e.path().join("events.jsonl")).ok())
             .unwrap_or_default();
-        if events.contains("graceful shutdown") || pgrep("microvm@kp").is_empty() { Ok(()) } else { Err(events) }
+        if events.contains("graceful shutdown") || w.vmm_pids("kp").is_empty() { Ok(()) } else { Err(events) }
     });
     kill(Pid::from_raw(plugin[0]), Signal::SIGKILL).unwrap();
 
@@ -120,7 +120,7 @@ fn plugin_killed_during_stop_the_stop_still_completes() {
         Duration::from_millis(500),
         || {
             let a = w.agent.api(&format!("/v1/allocation/{alloc}"));
-            let vmm = pgrep("microvm@kp");
+            let vmm = w.vmm_pids("kp");
             let sup = pgrep(&format!("supervise {}", tasks.display()));
             if a["ClientStatus"] == "complete" && vmm.is_empty() && sup.is_empty() {
                 Ok(())

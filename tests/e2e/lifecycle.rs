@@ -63,7 +63,7 @@ fn vm_boots_logs_shares_pings_and_stops_gracefully() {
     // Nothing of the task remains: processes, tap, sockets, task dir.
     wait_until("cleanup", Duration::from_secs(20), Duration::from_millis(500), || {
         let left: Vec<i32> = [
-            pgrep("microvm@alpha"),
+            w.vmm_pids("alpha"),
             pgrep(&format!("supervise {}", w.state_dir.display())),
             pgrep(&format!("--shared-dir={}", work.display())),
         ]
@@ -94,9 +94,8 @@ fn nix_roots(path: &std::path::Path) -> String {
 }
 
 fn vmm_pid(w: &World, host: &str) -> i32 {
-    let pids = pgrep(&format!("microvm@{host}"));
+    let pids = w.vmm_pids(host);
     assert_eq!(pids.len(), 1, "exactly one VMM for {host}: {pids:?}");
-    let _ = w;
     pids[0]
 }
 
@@ -192,7 +191,7 @@ fn bad_runners_fail_with_the_problem_named_and_leave_nothing() {
     assert_eq!(tasks, 0, "task dirs left");
     let claims = std::fs::read_dir(w.state_dir.join("claims")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(claims, 0, "claims left");
-    assert!(pgrep(&format!("microvm@{long_host}")).is_empty());
+    assert!(w.vmm_pids(&long_host).is_empty());
     assert!(!w.netns.links().contains(&"vm-long".to_string()), "{:?}", w.netns.links());
 }
 
@@ -246,7 +245,7 @@ fn vm_survives_plugin_crash_and_agent_restarts_then_stops_cleanly() {
     let console = w.agent.alloc_logs(&alloc, "vm", false);
     assert!(console.contains("microvm-test-guest: graceful shutdown"), "{console}");
     wait_until("the VMM to be gone", Duration::from_secs(20), Duration::from_millis(500), || {
-        if pgrep("microvm@rec").is_empty() { Ok(()) } else { Err("still running".into()) }
+        if w.vmm_pids("rec").is_empty() { Ok(()) } else { Err("still running".into()) }
     });
 }
 

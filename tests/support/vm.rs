@@ -88,6 +88,13 @@ impl World {
             .unwrap_or_else(|| panic!("no work dir for job {job} under {}", vms.display()))
     }
 
+    /// VMM processes of VM `host` that belong to this world (their working
+    /// dir is under its state dir): other test runs may boot a VM of the
+    /// same name at the same time.
+    pub fn vmm_pids(&self, host: &str) -> Vec<i32> {
+        vmm_pids_under(host, &self.state_dir)
+    }
+
     /// pids.json of the one task dir under the state dir (the supervisor's
     /// record of its VMM and virtiofsd processes).
     pub fn task_pids(&self) -> serde_json::Value {
@@ -162,6 +169,14 @@ pub fn job_hcl(job: &str, config: &str, restart_attempts: u32) -> String {
 /// A job running `runner`, with `extra_config` lines in its task config.
 pub fn vm_job(job: &str, runner: &Path, restart_attempts: u32, extra_config: &str) -> String {
     job_hcl(job, &format!("runner = \"{}\"\n        {extra_config}", runner.display()), restart_attempts)
+}
+
+/// VMM processes of VM `host` whose working dir is below `state_dir`.
+pub fn vmm_pids_under(host: &str, state_dir: &Path) -> Vec<i32> {
+    pgrep(&format!("^microvm@{host}( |$)"))
+        .into_iter()
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(state_dir)))
+        .collect()
 }
 
 /// Processes whose command line mentions `needle` (pgrep -f).
