@@ -31,6 +31,13 @@ fn assert_contains(haystack: &str, needles: &[&str]) {
     }
 }
 
+/// The VMM processes of `host` in this world (other tests may run VMs of
+/// the same name at the same time).
+fn vmms(w: &World, host: &str) -> Vec<i32> {
+    let ours = w.netns.pids();
+    pgrep(&format!("microvm@{host}")).into_iter().filter(|p| ours.contains(p)).collect()
+}
+
 fn runner_of(job: &serde_json::Value) -> String {
     job["TaskGroups"][0]["Tasks"][0]["Config"]["runner"].as_str().expect("runner").to_string()
 }
@@ -141,7 +148,7 @@ fn gitfront_push_runs_two_vms_updates_one_and_stops_one() {
     // Never two alphas at once: the old allocation ended before the new one started.
     let old = w.agent.api(&format!("/v1/allocation/{alpha_alloc}?namespace={ns}"));
     assert_eq!(old["ClientStatus"], "complete");
-    assert_eq!(pgrep("microvm@alpha").len(), 1, "one alpha VMM");
+    assert_eq!(vmms(&w, "alpha").len(), 1, "one alpha VMM");
 
     // 4. Deleting a branch stops its job.
     let out = work.push(&[":beta"]);
@@ -154,7 +161,7 @@ fn gitfront_push_runs_two_vms_updates_one_and_stops_one() {
     assert_eq!(nomad::job(&w.agent, ns, "beta")["Stop"], true);
     assert_eq!(nomad::allocs(&w.agent, ns, "beta")[0]["ClientStatus"], "complete");
     wait_until("beta's VMM to be gone", Duration::from_secs(30), Duration::from_millis(500), || {
-        if pgrep("microvm@beta").is_empty() { Ok(()) } else { Err("still there".into()) }
+        if vmms(&w, "beta").is_empty() { Ok(()) } else { Err("still there".into()) }
     });
     assert_eq!(front.branch_commit("alice", "fleet", "beta"), None);
     assert_eq!(nomad::allocs(&w.agent, ns, "alpha")[0]["ClientStatus"], "running", "alpha keeps running");
