@@ -149,3 +149,35 @@ pub fn report_rejection(config: &Config, refname: &str, e: &HookError) {
     }
     log.say(format!("REJECTED {refname}: {}", crate::error_chain(e)));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_ids_and_deletions() {
+        assert!(is_commit_id("0123456789abcdef0123456789abcdef01234567"));
+        assert!(is_commit_id(&"a".repeat(64)), "sha256 repos");
+        assert!(!is_commit_id("0123456789ABCDEF0123456789abcdef01234567"));
+        assert!(!is_commit_id("HEAD"));
+        assert!(!is_commit_id("--upload-pack=x"));
+        assert!(is_zero(&"0".repeat(40)));
+        assert!(!is_zero("0123456789abcdef0123456789abcdef01234567"));
+    }
+
+    #[test]
+    fn rejections_say_why() {
+        let config = crate::config::defaults();
+        let user = UserName::parse("alice").unwrap();
+        let repo = RepoName::parse("fleet").unwrap();
+        let zero = "0".repeat(40);
+        let update = RefUpdate { refname: "refs/tags/v1", old: &zero, new: &zero };
+        let e = super::update(&config, &user, &repo, &update).unwrap_err();
+        assert_eq!(e.to_string(), "refs/tags/v1 is a tag; only branches (refs/heads/<host>) are deployed");
+        let update = RefUpdate { refname: "refs/heads/alpha", old: &zero, new: "HEAD" };
+        let e = super::update(&config, &user, &repo, &update).unwrap_err();
+        assert_eq!(e.to_string(), "\"HEAD\" is not a commit id");
+        let e = HookError::Limit { what: "vCPUs", asked: 16, limit: 8 };
+        assert_eq!(e.to_string(), "the guest asks for 16 vCPUs, over this server's limit of 8");
+    }
+}
