@@ -46,6 +46,20 @@ pub enum ServeError {
     },
     #[error("cannot run git")]
     Git(#[source] std::io::Error),
+    #[error("refused: {} is a symlink; repos are plain directories under repos_root", path.display())]
+    Symlink { path: PathBuf },
+}
+
+/// A symlinked user dir or repo could lead a push or fetch into another
+/// user's repo or anywhere else on disk: refuse rather than follow it.
+fn refuse_symlinks(config: &Config, user: &UserName, repo: &RepoName) -> Result<(), ServeError> {
+    let user_dir = config.repos_root.join(user.as_str());
+    for path in [user_dir.clone(), config.repo_dir(user, repo)] {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(ServeError::Symlink { path });
+        }
+    }
+    Ok(())
 }
 
 /// Creates `dir` (and parents) readable by its owner only, if missing.
@@ -102,6 +116,7 @@ fn is_repo(dir: &Path) -> bool {
 }
 
 fn upload_pack(config: &Config, user: &UserName, repo: &RepoName) -> Result<ExitCode, ServeError> {
+    refuse_symlinks(config, user, repo)?;
     let dir = config.repo_dir(user, repo);
     if !is_repo(&dir) {
         return Err(ServeError::NoRepo { repo: repo.clone() });
@@ -117,6 +132,7 @@ fn upload_pack(config: &Config, user: &UserName, repo: &RepoName) -> Result<Exit
 /// The bare repo, created on first use: initialised under a temporary name
 /// and renamed into place, so a concurrent first push never sees half a repo.
 fn ensure_repo(config: &Config, user: &UserName, repo: &RepoName) -> Result<PathBuf, ServeError> {
+    refuse_symlinks(config, user, repo)?;
     let dir = config.repo_dir(user, repo);
     if is_repo(&dir) {
         return Ok(dir);
@@ -225,6 +241,31 @@ mod tests {
     fn quotes_for_sh() {
         assert_eq!(shell_quote("/usr/bin/gitfront"), "'/usr/bin/gitfront'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn symlinked_repos_and_user_dirs_are_refused_and_create_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = format!("repos_root = \"{}\"\npath = \"/usr/local/bin:/usr/bin:/bin\"", tmp.path().display());
+        let config = Config::parse(Path::new("/t.toml"), &text).unwrap();
+        let alice = UserName::parse("alice").unwrap();
+        let mallory = UserName::parse("mallory").unwrap();
+        let fleet = RepoName::parse("fleet").unwrap();
+        let alice_repo = ensure_repo(&config, &alice, &fleet).unwrap();
+        // mallory's repo is a link to alice's; bob's whole dir is a link to alice's.
+        std::fs::create_dir_all(tmp.path().join("mallory")).unwrap();
+        std::os::unix::fs::symlink(&alice_repo, tmp.path().join("mallory/fleet.git")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("alice"), tmp.path().join("bob")).unwrap();
+        let bob = UserName::parse("bob").unwrap();
+        for (user, what) in [(&mallory, "mallory/fleet.git"), (&bob, "bob")] {
+            let err = ensure_repo(&config, user, &fleet).unwrap_err().to_string();
+            assert!(err.starts_with("refused: ") && err.contains(what) && err.contains("symlink"), "{err}");
+            let err = upload_pack(&config, user, &fleet).unwrap_err().to_string();
+            assert!(err.contains("symlink"), "{err}");
+        }
+        let other = RepoName::parse("other").unwrap();
+        assert!(ensure_repo(&config, &bob, &other).is_err());
+        assert!(!tmp.path().join("alice/other.git").exists(), "nothing created through the link");
     }
 
     #[test]
