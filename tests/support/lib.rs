@@ -4,6 +4,7 @@
 //! real agent built by tests/nomad-peer.
 
 pub mod bins;
+pub mod cluster;
 pub mod gitfront;
 pub mod netns;
 pub mod nomad;
