@@ -35,6 +35,16 @@ impl LogSink {
         }
     }
 
+    /// Opens the FIFO right away. logmon's reader is blocked opening its
+    /// end until a writer appears, and waits for it again when the task
+    /// stops: a silent stream (qemu's stderr) must still connect, and be
+    /// closed when the VMM is gone, or every stop waits logmon's timeouts.
+    pub async fn connect(&mut self) {
+        if self.writer.is_none() {
+            self.writer = self.open().await;
+        }
+    }
+
     /// Writes `chunk`; drops it if the reader is gone and cannot be reopened.
     pub async fn write(&mut self, chunk: &[u8]) {
         for _attempt in 0..2 {

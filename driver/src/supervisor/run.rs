@@ -257,6 +257,9 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
         abandoned: std::sync::atomic::AtomicBool::new(false),
     });
     tokio::spawn(watch_commit(shared.clone()));
+    if !shared.spec.stop_without_agent_after.is_zero() {
+        tokio::spawn(watch_agent_lease(shared.clone()));
+    }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut exit_rx = exit_rx;
@@ -305,6 +308,7 @@ fn spawn_vmm(spec: &LaunchSpec, identity: &ChildIdentity) -> Result<tokio::proce
 }
 
 async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, mut sink: LogSink, console: Option<Arc<Console>>) {
+    sink.connect().await;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match from.read(&mut buf).await {
@@ -421,6 +425,31 @@ async fn finish(
     let _ = std::fs::remove_file(shared.spec.task_dir.join(protocol::CONTROL_SOCKET));
     if shared.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
         shared.spec.hold.release(&crate::net::LinuxNet::new());
+    }
+}
+
+/// The node's Nomad agent is gone (the plugin stopped renewing the lease):
+/// the servers will mark the node down and place this VM elsewhere, so shut
+/// it down before they do, as the client itself would with
+/// `stop_on_client_after` if it were alive.
+async fn watch_agent_lease(shared: Arc<Shared>) {
+    let limit = shared.spec.stop_without_agent_after;
+    let lease = shared.spec.task_dir.join(protocol::LEASE_FILE);
+    let started = std::time::SystemTime::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let renewed = std::fs::metadata(&lease).and_then(|m| m.modified()).unwrap_or(started);
+        let silent = std::time::SystemTime::now().duration_since(renewed).unwrap_or_default();
+        if silent >= limit {
+            let reason = format!(
+                "no Nomad agent has been connected for {}s (stop_without_agent_after): shutting the VM down \
+                 before the servers place it elsewhere",
+                silent.as_secs()
+            );
+            shared.events.emit(reason.clone());
+            shared.begin_stop(shared.spec.default_stop_timeout, false, Some(reason));
+            return;
+        }
     }
 }
 
