@@ -118,6 +118,12 @@ let
       default = "30s";
       description = "How often the driver re-checks the host.";
     };
+    stopWithoutAgentAfter = {
+      key = "stop_without_agent_after";
+      kind = "duration";
+      default = "0s";
+      description = "Shut a VM down when no Nomad agent has been connected to the plugin for this long (0s: never). Keep it at most the jobs' disconnect.stop_on_client_after, so a node whose agent died stops its VMs before the servers place them elsewhere.";
+    };
   };
 
   names = builtins.attrNames options;

@@ -38,6 +38,7 @@ pub mod defaults {
     pub const GCROOTS_DIR: &str = "/nix/var/nix/gcroots/nomad-microvm";
     pub const RUNNER_ROOTS: &[&str] = &["/nix/store"];
     pub const FINGERPRINT_PERIOD: &str = "30s";
+    pub const STOP_WITHOUT_AGENT_AFTER: &str = "0s";
 }
 
 /// Everything an operator sets once per node.
@@ -74,6 +75,11 @@ pub struct PluginConfig {
     pub allowed_share_roots: Vec<PathBuf>,
     /// How often the driver re-checks the host.
     pub fingerprint_period: Duration,
+    /// A VM whose node has had no Nomad agent connected for this long is
+    /// shut down by its supervisor (zero: never). Keep it at most the jobs'
+    /// `disconnect.stop_on_client_after`, so a node whose agent died stops
+    /// its VMs before the servers place replacements elsewhere.
+    pub stop_without_agent_after: Duration,
 }
 
 impl Default for PluginConfig {
@@ -94,6 +100,7 @@ impl Default for PluginConfig {
             allowed_runner_roots: defaults::RUNNER_ROOTS.iter().map(PathBuf::from).collect(),
             allowed_share_roots: Vec::new(),
             fingerprint_period: Duration::from_secs(30),
+            stop_without_agent_after: Duration::ZERO,
         }
     }
 }
@@ -115,6 +122,7 @@ pub const PLUGIN_KEYS: &[&str] = &[
     "allowed_runner_roots",
     "allowed_share_roots",
     "fingerprint_period",
+    "stop_without_agent_after",
 ];
 
 pub fn plugin_schema() -> Spec {
@@ -134,6 +142,10 @@ pub fn plugin_schema() -> Spec {
         ("allowed_runner_roots", attr_or("allowed_runner_roots", "list(string)", &quote_list(defaults::RUNNER_ROOTS))),
         ("allowed_share_roots", attr_or("allowed_share_roots", "list(string)", "[]")),
         ("fingerprint_period", attr_or("fingerprint_period", "string", &quote(defaults::FINGERPRINT_PERIOD))),
+        (
+            "stop_without_agent_after",
+            attr_or("stop_without_agent_after", "string", &quote(defaults::STOP_WITHOUT_AGENT_AFTER)),
+        ),
     ])
 }
 
@@ -208,6 +220,8 @@ fn plugin_config_from(o: &Object<'_>) -> Result<PluginConfig, ConfigError> {
         )?,
         fingerprint_period: duration("fingerprint_period", o.string("fingerprint_period")?)?
             .unwrap_or(d.fingerprint_period),
+        stop_without_agent_after: duration("stop_without_agent_after", o.string("stop_without_agent_after")?)?
+            .unwrap_or(d.stop_without_agent_after),
     };
     config.validate()?;
     Ok(config)

@@ -24,8 +24,9 @@
 //! `microvm@<host>` VMM processes, machine-wide) and the test fails if any
 //! VM ever runs twice.
 //!
-//! The second test (ignored: it fails today) is the case this policy does
-//! not cover: the Nomad agent dies but the node and its VMs live on.
+//! The second test is the case Nomad's policy alone does not cover: the
+//! Nomad agent dies but the node and its VMs live on; the driver's
+//! `stop_without_agent_after` covers it.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -464,9 +465,10 @@ fn cluster_push_spreads_vms_drain_and_node_loss_move_them_never_twice() {
 /// agent restart must not reboot every VM). Nothing on the node then
 /// enforces the job's `stop_on_client_after` (the Nomad client does that,
 /// and it is gone), while the server declares the node down and places the
-/// replacement after stop_on_client_after + the kill timeout.
+/// replacement after stop_on_client_after + the kill timeout. The driver's
+/// `stop_without_agent_after` (10 s here, like the jobs' stop_on_client_after)
+/// makes the supervisor shut the VM down once no agent renews its lease.
 #[test]
-#[ignore = "fails today: the VM runs twice; needs a driver-side guard (see the report of issue 8)"]
 fn a_dead_agent_on_a_live_node_does_not_leave_its_vm_running_beside_the_replacement() {
     if !require_root("a_dead_agent_on_a_live_node_does_not_leave_its_vm_running_beside_the_replacement") {
         return;

@@ -120,6 +120,7 @@ const SAMPLE: &str = r#"{
   allowedRunnerRoots = [ "/nix/store" "/srv/runners" ];
   allowedShareRoots = [ "/srv/shares" ];
   fingerprintPeriod = "45s";
+  stopWithoutAgentAfter = "50s";
 }"#;
 
 fn driver_keys() -> BTreeSet<String> {
@@ -184,6 +185,7 @@ fn every_option_set_is_accepted_and_taken_by_the_driver() {
         r#""/srv/runners""#,
         r#""/srv/shares""#,
         "fingerprint_period: 45s",
+        "stop_without_agent_after: 50s",
     ] {
         assert!(dumped.contains(&compact(want)), "check-config did not take {want}:\n{dump}");
     }
@@ -204,6 +206,7 @@ fn option_types_refuse_what_the_driver_refuses() {
         ("defaultStopTimeout", r#""soon""#),
         ("defaultStopTimeout", r#""30""#),
         ("fingerprintPeriod", r#""5 s""#),
+        ("stopWithoutAgentAfter", r#""a minute""#),
         ("defaultBridge", r#""a bridge""#),
         ("defaultBridge", r#""0123456789abcdef""#),
         ("defaultBridge", r#"".""#),
@@ -717,7 +720,7 @@ fn gitfront_option_types_refuse_what_gitfront_refuses() {
              (builtins.length path - 1)) ++ [ (g.optionAt path).key ])"
         )))
         .unwrap();
-        let json_value = front_eval(&format!("{value}"));
+        let json_value = front_eval(&value.to_string());
         let mut doc = serde_json::json!({});
         let (section, leaf) = key.rsplit_once('.').map(|(s, l)| (Some(s), l)).unwrap_or((None, key.as_str()));
         match section {

@@ -473,7 +473,9 @@ log_level = "DEBUG"
     fn write_client_config(&self, capacity: Capacity, cache: &Path) {
         let plugin = crate::vm::plugin_config(
             &self.state_dir,
-            &format!("    substituters = [\"file://{}\"]\n", cache.display()),
+            // A node whose agent died stops its VMs before the servers
+            // place them elsewhere: at most the jobs' stop_on_client_after.
+            &format!("    substituters = [\"file://{}\"]\n    stop_without_agent_after = \"10s\"\n", cache.display()),
         );
         let hcl = format!(
             r#"{common}plugin_dir = "{plugins}"

@@ -83,7 +83,11 @@ impl Driver for DriverService {
     ) -> Result<Response<Self::FingerprintStream>, Status> {
         let (tx, rx) = mpsc::channel(4);
         let plugin = self.plugin.clone();
+        // While this stream is open an agent is connected (it renews the
+        // VMs' agent leases, see `stop_without_agent_after`).
+        let connected = plugin.tasks.agent_connected();
         tokio::spawn(async move {
+            let _connected = connected;
             let mut config_changes = plugin.config.subscribe();
             let mut last: Option<pb::FingerprintResponse> = None;
             loop {

@@ -22,6 +22,9 @@ pub const LOG_FILE: &str = "supervisor.log";
 /// supervisor whose plugin dies before that removes its VM: nobody else
 /// knows about it.
 pub const COMMITTED_FILE: &str = "committed";
+/// Touched by the plugin every few seconds while a Nomad agent is connected
+/// to it (see `stop_without_agent_after`).
+pub const LEASE_FILE: &str = "agent-lease";
 
 /// One virtiofsd to run before the VMM (argv[0] is the binary).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +65,9 @@ pub struct LaunchSpec {
     pub hold: crate::task::hold::HostHold,
     /// The plugin that started us, watched until it confirms the start.
     pub plugin: Option<ProcessId>,
+    /// Stop the VM when LEASE_FILE is older than this (zero: never).
+    #[serde(with = "millis", default)]
+    pub stop_without_agent_after: Duration,
 }
 
 /// Pids the supervisor publishes as soon as it has them.

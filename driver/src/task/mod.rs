@@ -148,6 +148,16 @@ pub struct Inspection {
     pub attributes: BTreeMap<String, String>,
 }
 
+pub struct AgentGuard {
+    tasks: Arc<Tasks>,
+}
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        self.tasks.agents.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 struct Tracked {
     proto: ProtoTaskConfig,
     state: DriverState,
@@ -161,7 +171,12 @@ pub struct Tasks {
     self_exe: PathBuf,
     tracked: Mutex<HashMap<String, Arc<Tracked>>>,
     events: broadcast::Sender<TaskEvent>,
+    /// Open Fingerprint streams: a Nomad agent is connected while > 0.
+    agents: std::sync::atomic::AtomicUsize,
 }
+
+/// How often the plugin renews each task's agent lease.
+const LEASE_RENEWAL: Duration = Duration::from_secs(2);
 
 impl Tasks {
     pub fn new(net: Arc<dyn HostNet>, self_exe: PathBuf) -> Arc<Tasks> {
@@ -171,7 +186,21 @@ impl Tasks {
             self_exe,
             tracked: Mutex::new(HashMap::new()),
             events: broadcast::channel(1024).0,
+            agents: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// A Nomad agent opened a Fingerprint stream; it counts as connected
+    /// until the returned guard drops (the stream ends).
+    pub fn agent_connected(self: &Arc<Self>) -> AgentGuard {
+        self.agents.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        AgentGuard { tasks: self.clone() }
+    }
+
+    fn renew_lease(&self, task_dir: &Path) {
+        if self.agents.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            let _ = std::fs::write(task_dir.join(protocol::LEASE_FILE), b"");
+        }
     }
 
     pub fn self_exe(&self) -> &Path {
@@ -222,6 +251,8 @@ impl Tasks {
         if let Err(e) = std::fs::write(state.task_dir.join(protocol::COMMITTED_FILE), b"") {
             tracing::error!(task_id = %task.id, error = %e, "cannot confirm the start to the supervisor");
         }
+        // The start itself is an agent's doing, connected or not yet counted.
+        let _ = std::fs::write(state.task_dir.join(protocol::LEASE_FILE), b"");
         let handle = TaskHandle {
             version: HANDLE_VERSION,
             config: Some(task.clone()),
@@ -250,7 +281,12 @@ impl Tasks {
         if let Some(sup) = state.supervisor {
             let exited = sup.exited();
             tokio::pin!(exited);
+            let mut renewed = std::time::Instant::now() - LEASE_RENEWAL;
             loop {
+                if renewed.elapsed() >= LEASE_RENEWAL {
+                    self.renew_lease(&state.task_dir);
+                    renewed = std::time::Instant::now();
+                }
                 tokio::select! {
                     _ = &mut exited => break,
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {

@@ -189,6 +189,7 @@ async fn prepare(
             gcroot: gcroot.clone(),
         },
         plugin: crate::proc::ProcessId::of(std::process::id() as i32),
+        stop_without_agent_after: config.stop_without_agent_after,
     };
     protocol::write_atomic(&paths.task_dir, protocol::SPEC_FILE, &spec)
         .map_err(TaskError::io("write the launch spec"))?;
