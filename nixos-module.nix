@@ -115,7 +115,7 @@
 # | `bridge.interfaces` | `[ ]` | uplinks enslaved to it (their addresses move to the bridge) |
 # | `bridge.addresses` | `[ ]` | the host's addresses on it |
 # | `bridge.dhcp` | `false` | DHCP client on the bridge |
-# | `cache.path` | `null` | local dir of a `file://` binary cache (created, owned by the gitfront user) |
+# | `cache.path` | `null` | local dir of a `file://` binary cache (created and owned by the gitfront user where gitfront runs; other nodes only read it) |
 # | `cache.url` | `file://<path>` | the cache gitfront pushes to and nodes fetch missing runners from |
 # | `cache.publicKeys` | `[ ]` | keys runners must be signed with; empty accepts unsigned |
 # | `cache.signingKeyFile` | `null` | secret key file gitfront signs pushes with (`secret-key=` on its cache URL) |
@@ -561,9 +561,12 @@ in
       services.openssh.enable = true;
     })
 
-    (mkIf (cfg.cache.path != null) {
+    # Only the node that writes the cache (gitfront) creates and owns it:
+    # tmpfiles `d` also resets the owner of an existing directory, so a rule
+    # on every node would take a shared cache away from gitfront at each boot.
+    (mkIf (cfg.cache.path != null && cfg.gitfront.enable) {
       systemd.tmpfiles.rules = [
-        "d ${cfg.cache.path} 0755 ${if cfg.gitfront.enable then cfg.gitfront.user else "root"} root - -"
+        "d ${cfg.cache.path} 0755 ${cfg.gitfront.user} root - -"
       ];
     })
   ]);

@@ -36,7 +36,7 @@ fn runners_shares_and_bridges_outside_the_rules_are_refused() {
     }
     // Nothing started, nothing left.
     for host in ["etc", "slash", "esc", "tmp", "fine"] {
-        assert!(w.vmm_pids(&host).is_empty(), "{host} has a VMM");
+        assert!(w.vmm_pids(host).is_empty(), "{host} has a VMM");
     }
     let links = w.netns.links();
     assert!(links.iter().all(|l| !l.starts_with("vm-")), "{links:?}");
