@@ -720,7 +720,7 @@ fn gitfront_option_types_refuse_what_gitfront_refuses() {
              (builtins.length path - 1)) ++ [ (g.optionAt path).key ])"
         )))
         .unwrap();
-        let json_value = front_eval(&value.to_string());
+        let json_value = front_eval(value);
         let mut doc = serde_json::json!({});
         let (section, leaf) = key.rsplit_once('.').map(|(s, l)| (Some(s), l)).unwrap_or((None, key.as_str()));
         match section {
