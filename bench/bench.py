@@ -279,19 +279,22 @@ def paused_variants(built):
 
 # ------------------------------------------------------------------ jobs
 
+# Both kinds of job: a failed start is a failed measurement, never retried.
+NO_RETRY = """    restart {
+      attempts = 0
+      mode     = "fail"
+    }
+    reschedule {
+      attempts  = 0
+      unlimited = false
+    }
+"""
+
 
 def ours_group(group, runner):
     return f"""
   group "{group}" {{
-    restart {{
-      attempts = 0
-      mode     = "fail"
-    }}
-    reschedule {{
-      attempts  = 0
-      unlimited = false
-    }}
-    task "vm" {{
+{NO_RETRY}    task "vm" {{
       driver       = "microvm"
       kill_timeout = "10s"
       config {{
@@ -320,15 +323,7 @@ def raw_group(group, runner, host):
     sock = f"{host}-virtiofs-data.sock"
     return f"""
   group "{group}" {{
-    restart {{
-      attempts = 0
-      mode     = "fail"
-    }}
-    reschedule {{
-      attempts  = 0
-      unlimited = false
-    }}
-    task "add-interface-{tap}" {{
+{NO_RETRY}    task "add-interface-{tap}" {{
       lifecycle {{
         hook = "prestart"
       }}

@@ -165,13 +165,7 @@ fn cluster_push_spreads_vms_drain_and_node_loss_move_them_never_twice() {
         let sched = cluster.nomad_ok(&["operator", "scheduler", "get-config"]);
         assert!(sched.lines().any(|l| l.starts_with("Scheduler Algorithm") && l.contains("spread")), "{sched}");
 
-        let front = Front::start(cluster.server.netns().clone(), front_dir.path(), NOMAD_ADDR);
-        let job_policy = format!(
-            "kill_timeout = \"{}s\"\nstop_on_client_after = \"{}s\"\n",
-            KILL_TIMEOUT.as_secs(),
-            STOP_ON_CLIENT_AFTER.as_secs()
-        );
-        std::fs::write(&front.config, config_toml(front_dir.path(), NOMAD_ADDR, &job_policy)).unwrap();
+        let front = front_for(&cluster, front_dir.path());
         let hosts: Vec<&str> = HOSTS.iter().map(|(h, _)| *h).collect();
         let watch = cluster.watch(&hosts);
 
@@ -477,13 +471,7 @@ fn a_dead_agent_on_a_live_node_does_not_leave_its_vm_running_beside_the_replacem
     let cache_dir = front_dir.path().join("cache");
     let mut cluster = Cluster::start("cla", &["a1", "a2"], CAPACITY, Some(&cache_dir));
     cluster.nomad_ok(&["operator", "scheduler", "set-config", "-scheduler-algorithm=spread"]);
-    let front = Front::start(cluster.server.netns().clone(), front_dir.path(), NOMAD_ADDR);
-    let job_policy = format!(
-        "kill_timeout = \"{}s\"\nstop_on_client_after = \"{}s\"\n",
-        KILL_TIMEOUT.as_secs(),
-        STOP_ON_CLIENT_AFTER.as_secs()
-    );
-    std::fs::write(&front.config, config_toml(front_dir.path(), NOMAD_ADDR, &job_policy)).unwrap();
+    let front = front_for(&cluster, front_dir.path());
     let host = "cl-amber";
     let watch = cluster.watch(&[host]);
     let work = front.workdir("alice", "fleet", "fleet");
@@ -509,4 +497,17 @@ fn a_dead_agent_on_a_live_node_does_not_leave_its_vm_running_beside_the_replacem
     std::thread::sleep(Duration::from_secs(2));
     eprintln!("AGENT CRASH: where {host} ran:\n{}", watch.log());
     assert_eq!(watch.max(host), 1, "{host} ran twice:\n{}", watch.log());
+}
+
+/// gitfront in the server's namespace, writing jobs with this file's stop
+/// timings.
+fn front_for(cluster: &Cluster, dir: &std::path::Path) -> Front {
+    let front = Front::start(cluster.server.netns().clone(), dir, NOMAD_ADDR);
+    let job_policy = format!(
+        "kill_timeout = \"{}s\"\nstop_on_client_after = \"{}s\"\n",
+        KILL_TIMEOUT.as_secs(),
+        STOP_ON_CLIENT_AFTER.as_secs()
+    );
+    std::fs::write(&front.config, config_toml(dir, NOMAD_ADDR, &job_policy)).unwrap();
+    front
 }

@@ -310,20 +310,11 @@ impl Cluster {
     }
 
     pub fn nomad_ok(&self, args: &[&str]) -> String {
-        let out = self.nomad(args);
-        assert!(
-            out.status.success(),
-            "nomad {} failed: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        crate::nomad::expect_success(args, self.nomad(args))
     }
 
     pub fn api(&self, path: &str) -> serde_json::Value {
-        let text = self.nomad_ok(&["operator", "api", path]);
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"))
+        crate::nomad::parse_api_reply(path, &self.nomad_ok(&["operator", "api", path]))
     }
 
     fn wait_leader(&self) {

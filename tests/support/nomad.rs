@@ -150,21 +150,12 @@ plugin "raw_exec" {{
 
     /// `nomad <args>` that must succeed; returns stdout.
     pub fn nomad_ok(&self, args: &[&str]) -> String {
-        let out = self.nomad(args);
-        assert!(
-            out.status.success(),
-            "nomad {} failed: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        expect_success(args, self.nomad(args))
     }
 
     /// GET on the HTTP API (through `nomad operator api`).
     pub fn api(&self, path: &str) -> serde_json::Value {
-        let text = self.nomad_ok(&["operator", "api", path]);
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"))
+        parse_api_reply(path, &self.nomad_ok(&["operator", "api", path]))
     }
 
     pub fn log(&self) -> String {
@@ -294,4 +285,22 @@ impl Drop for Agent {
         }
         self.process.take();
     }
+}
+
+/// The stdout of a `nomad` CLI run that must have succeeded; panics with
+/// both streams otherwise.
+pub(crate) fn expect_success(args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "nomad {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The JSON body `nomad operator api <path>` printed.
+pub(crate) fn parse_api_reply(path: &str, text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"))
 }
