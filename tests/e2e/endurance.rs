@@ -2,13 +2,10 @@
 
 use std::time::Duration;
 
-use microvm_e2e::plugin::{connect, start_plugin_in};
-use microvm_e2e::vm::{BRIDGE, HOST_ADDR, World, pgrep, plugin_config};
+use microvm_e2e::plugin::{configured_plugin, vm_task};
+use microvm_e2e::vm::{BRIDGE, HOST_ADDR, World, leftovers};
 use microvm_e2e::{Netns, open_tempdir, require_root, wait_until};
-use microvm_proto::base::{SetConfigRequest, base_plugin_client::BasePluginClient};
-use microvm_proto::drivers::{
-    DestroyTaskRequest, StartTaskRequest, StopTaskRequest, TaskConfig, driver_client::DriverClient,
-};
+use microvm_proto::drivers::{DestroyTaskRequest, StartTaskRequest, StopTaskRequest};
 
 const BOOT: Duration = Duration::from_secs(180);
 
@@ -63,16 +60,6 @@ fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
-fn msgpack_task_config(runner: &std::path::Path) -> Vec<u8> {
-    let v = rmpv::Value::Map(vec![
-        (rmpv::Value::from("bridge"), rmpv::Value::Nil),
-        (rmpv::Value::from("runner"), rmpv::Value::from(runner.to_str().unwrap())),
-    ]);
-    let mut buf = Vec::new();
-    rmpv::encode::write_value(&mut buf, &v).unwrap();
-    buf
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_start_stop_cycles_leak_nothing() {
     if !require_root("hundred_start_stop_cycles_leak_nothing") {
@@ -85,40 +72,16 @@ async fn hundred_start_stop_cycles_leak_nothing() {
         &dir.path().join("runners"),
         &["--hostname", "cy", "--tap", "vm-cy", "--share", "data:data", "--store"],
     );
-    let plugin = start_plugin_in(dir.path(), Some(&netns));
-    let channel = connect(plugin.socket.clone()).await;
     let state_dir = dir.path().join("state");
-    // The same config the agent tests use, as go-cty msgpack.
-    let hcl = plugin_config(&state_dir, "");
-    let mut pairs = Vec::new();
-    for line in hcl.lines() {
-        let (k, v) = line.trim().split_once(" = ").unwrap();
-        pairs.push((rmpv::Value::from(k), rmpv::Value::from(v.trim_matches('"'))));
-    }
-    let mut config = Vec::new();
-    rmpv::encode::write_value(&mut config, &rmpv::Value::Map(pairs)).unwrap();
-    BasePluginClient::new(channel.clone())
-        .set_config(SetConfigRequest { msgpack_config: config, nomad_config: None, plugin_api_version: "0.1.0".into() })
-        .await
-        .expect("SetConfig");
-    let driver = DriverClient::new(channel);
+    let (plugin, driver) = configured_plugin(dir.path(), &netns, &state_dir).await;
     let pid = plugin.process.pid();
 
     let cycle = |i: u32| {
         let mut driver = driver.clone();
         let runner = runner.clone();
         async move {
-            let id = format!("cccccccc-0000-0000-0000-000000000000/vm/{i:08x}");
-            let task = TaskConfig {
-                id: id.clone(),
-                name: "vm".into(),
-                alloc_id: "cccccccc-0000-0000-0000-000000000000".into(),
-                job_id: "cycles".into(),
-                task_group_name: "g".into(),
-                namespace: "default".into(),
-                msgpack_driver_config: msgpack_task_config(&runner),
-                ..Default::default()
-            };
+            let task = vm_task("cccccccc-0000-0000-0000-000000000000", "cycles", i, &runner);
+            let id = task.id.clone();
             let handle = driver.start_task(StartTaskRequest { task: Some(task) }).await;
             let handle = handle.unwrap_or_else(|e| panic!("cycle {i}: StartTask: {}", e.message()));
             assert!(handle.into_inner().handle.is_some());
@@ -147,25 +110,7 @@ async fn hundred_start_stop_cycles_leak_nothing() {
 
     let work_dirs: Vec<_> = std::fs::read_dir(state_dir.join("vms")).unwrap().filter_map(|e| e.ok()).collect();
     assert_eq!(work_dirs.len(), 1, "one VM work dir, kept for its volumes");
-    let work = work_dirs[0].path();
-    let leftovers = [
-        microvm_e2e::vm::vmm_pids_under("cy", &state_dir),
-        pgrep(&format!("supervise {}", state_dir.display())),
-        pgrep(&format!("--shared-dir={}", work.display())),
-    ]
-    .concat();
-    assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
-    assert_eq!(netns.links().iter().filter(|l| l.starts_with("vm-")).count(), 0, "{:?}", netns.links());
-    assert_eq!(std::fs::read_dir(state_dir.join("tasks")).unwrap().count(), 0, "task dirs left");
-    assert_eq!(std::fs::read_dir(state_dir.join("claims")).unwrap().count(), 0, "claims left");
-    let sockets: Vec<String> = std::fs::read_dir(&work)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.contains(".sock") || n == "booted")
-        .collect();
-    assert!(sockets.is_empty(), "left in the work dir: {sockets:?}");
-    let slug = work.file_name().unwrap().to_string_lossy().to_string();
-    assert!(!std::path::Path::new("/nix/var/nix/gcroots/nomad-microvm").join(&slug).exists(), "GC root left");
+    let left = leftovers(&netns, &state_dir, "cy");
+    assert!(left.is_empty(), "left behind: {left:?}");
     drop(plugin);
 }

@@ -1,10 +1,13 @@
 //! Faults survived: a VMM or a virtiofsd killed, the plugin killed in the
-//! middle of a start or a stop. Afterwards Nomad's view and the host agree.
+//! middle of a start or a stop, the agent hanging up during a start.
+//! Afterwards Nomad's view and the host agree.
 
 use std::time::Duration;
 
-use microvm_e2e::vm::{World, pgrep};
-use microvm_e2e::{require_root, wait_until};
+use microvm_e2e::plugin::{configured_plugin, vm_task};
+use microvm_e2e::vm::{BRIDGE, HOST_ADDR, World, leftovers, pgrep, vmm_pids_under};
+use microvm_e2e::{Netns, open_tempdir, require_root, wait_until};
+use microvm_proto::drivers::{DestroyTaskRequest, StartTaskRequest};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -135,4 +138,63 @@ fn plugin_killed_during_stop_the_stop_still_completes() {
         let n = std::fs::read_dir(&tasks).map(|d| d.count()).unwrap_or(0);
         if n == 0 { Ok(()) } else { Err(format!("{n} task dirs")) }
     });
+}
+
+/// The agent dies (or drops the call) while StartTask runs: it never gets a
+/// handle, so nobody would ever stop what that start created. The plugin
+/// finishes the start and removes it; the same task starts cleanly later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_agent_hangs_up_on_leaves_nothing_behind() {
+    if !require_root("a_start_the_agent_hangs_up_on_leaves_nothing_behind") {
+        return;
+    }
+    let dir = open_tempdir();
+    let netns = Netns::new("hangup");
+    netns.add_bridge(BRIDGE, &format!("{HOST_ADDR}/24"));
+    let runner = microvm_e2e::runner::make_runner(
+        &dir.path().join("runners"),
+        &["--hostname", "hu", "--tap", "vm-hu", "--share", "data:data", "--store"],
+    );
+    let state_dir = dir.path().join("state");
+    let (plugin, mut driver) = configured_plugin(dir.path(), &netns, &state_dir).await;
+    let task = vm_task("dddddddd-0000-0000-0000-000000000000", "hangup", 1, &runner);
+
+    // Hang up the moment the start has created its task dir (taps, claims
+    // and the supervisor come after it).
+    let tasks = state_dir.join("tasks");
+    let task_dir_exists = async {
+        while !std::fs::read_dir(&tasks).is_ok_and(|mut d| d.next().is_some()) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::select! {
+        r = driver.start_task(StartTaskRequest { task: Some(task.clone()) }) => {
+            panic!("the start answered before the test could hang up: {:?}", r.map(|_| ()));
+        }
+        _ = task_dir_exists => {}
+    }
+    let left = || async {
+        let mut last = Vec::new();
+        for _ in 0..300 {
+            last = leftovers(&netns, &state_dir, "hu");
+            if last.is_empty() {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        last
+    };
+    let after_hangup = left().await;
+    assert!(after_hangup.is_empty(), "left behind after the hang-up: {after_hangup:?}");
+    let log = std::fs::read_to_string(&plugin.stderr).unwrap_or_default();
+    assert!(log.contains("hung up during StartTask"), "the plugin says why it removed the VM:\n{log}");
+
+    // Nomad's retry: the same task starts, stops and leaves nothing.
+    let handle = driver.start_task(StartTaskRequest { task: Some(task.clone()) }).await.expect("StartTask again");
+    assert!(handle.into_inner().handle.is_some());
+    assert!(!vmm_pids_under("hu", &state_dir).is_empty(), "the retried start runs a VMM");
+    driver.destroy_task(DestroyTaskRequest { task_id: task.id.clone(), force: true }).await.expect("DestroyTask");
+    let after_retry = left().await;
+    assert!(after_retry.is_empty(), "left behind after the retry: {after_retry:?}");
+    drop(plugin);
 }

@@ -1,13 +1,15 @@
 //! Playing Nomad's side of go-plugin: start the driver binary as the agent
 //! would, read the handshake, and speak gRPC to it over its unix socket.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use hyper_util::rt::TokioIo;
+use microvm_proto::base::{SetConfigRequest, base_plugin_client::BasePluginClient};
+use microvm_proto::drivers::{TaskConfig, driver_client::DriverClient};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{Group, driver_bin};
+use crate::{Group, Netns, driver_bin};
 
 pub const COOKIE_KEY: &str = "NOMAD_PLUGIN_MAGIC_COOKIE";
 pub const COOKIE: &str = "e4327c2e01eabfd75a8a67adb114fb34a757d57eee7728d857a8cec6e91a7255";
@@ -60,4 +62,45 @@ pub async fn connect(socket: PathBuf) -> Channel {
         }))
         .await
         .expect("connect to the plugin socket")
+}
+
+/// A plugin in `netns`, configured as the agent would (SetConfig with the
+/// end-to-end worlds' plugin config over `state_dir`), and a driver client.
+pub async fn configured_plugin(dir: &Path, netns: &Netns, state_dir: &Path) -> (PluginProcess, DriverClient<Channel>) {
+    let plugin = start_plugin_in(dir, Some(netns));
+    let channel = connect(plugin.socket.clone()).await;
+    let hcl = crate::vm::plugin_config(state_dir, "");
+    let mut pairs = Vec::new();
+    for line in hcl.lines() {
+        let (k, v) = line.trim().split_once(" = ").expect("key = value");
+        pairs.push((rmpv::Value::from(k), rmpv::Value::from(v.trim_matches('"'))));
+    }
+    let mut config = Vec::new();
+    rmpv::encode::write_value(&mut config, &rmpv::Value::Map(pairs)).expect("msgpack");
+    BasePluginClient::new(channel.clone())
+        .set_config(SetConfigRequest { msgpack_config: config, nomad_config: None, plugin_api_version: "0.1.0".into() })
+        .await
+        .expect("SetConfig");
+    (plugin, DriverClient::new(channel))
+}
+
+/// The TaskConfig the agent sends for task `vm` of `job`, number `n` of
+/// alloc `alloc`, running `runner`.
+pub fn vm_task(alloc: &str, job: &str, n: u32, runner: &Path) -> TaskConfig {
+    let config = rmpv::Value::Map(vec![
+        (rmpv::Value::from("bridge"), rmpv::Value::Nil),
+        (rmpv::Value::from("runner"), rmpv::Value::from(runner.to_str().expect("UTF-8 runner path"))),
+    ]);
+    let mut msgpack = Vec::new();
+    rmpv::encode::write_value(&mut msgpack, &config).expect("msgpack");
+    TaskConfig {
+        id: format!("{alloc}/vm/{n:08x}"),
+        name: "vm".into(),
+        alloc_id: alloc.into(),
+        job_id: job.into(),
+        task_group_name: "g".into(),
+        namespace: "default".into(),
+        msgpack_driver_config: msgpack,
+        ..Default::default()
+    }
 }

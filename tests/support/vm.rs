@@ -184,3 +184,39 @@ pub fn pgrep(needle: &str) -> Vec<i32> {
     let out = std::process::Command::new("pgrep").args(["-f", "--", needle]).output().expect("pgrep");
     String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
 }
+
+/// What a VM of `host` run by a plugin over `state_dir` could leave behind
+/// once its task is destroyed: processes, `vm-*` interfaces in `netns`, task
+/// dirs, claims, sockets or `booted` links in the work dirs (the dirs stay
+/// for their volumes), GC roots. Empty when nothing is left.
+pub fn leftovers(netns: &crate::Netns, state_dir: &Path, host: &str) -> Vec<String> {
+    let mut left: Vec<String> = [
+        vmm_pids_under(host, state_dir),
+        pgrep(&format!("supervise {}", state_dir.display())),
+        pgrep(&format!("--shared-dir={}", state_dir.display())),
+    ]
+    .concat()
+    .into_iter()
+    .map(|pid| format!("process {pid}"))
+    .collect();
+    left.extend(netns.links().into_iter().filter(|l| l.starts_with("vm-")).map(|l| format!("interface {l}")));
+    let entries = |dir: &Path| -> Vec<std::fs::DirEntry> {
+        std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).collect()).unwrap_or_default()
+    };
+    for sub in ["tasks", "claims"] {
+        left.extend(entries(&state_dir.join(sub)).iter().map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())));
+    }
+    for work in entries(&state_dir.join("vms")) {
+        let slug = work.file_name().to_string_lossy().to_string();
+        for e in entries(&work.path()) {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.contains(".sock") || name == "booted" {
+                left.push(format!("vms/{slug}/{name}"));
+            }
+        }
+        if Path::new("/nix/var/nix/gcroots/nomad-microvm").join(&slug).exists() {
+            left.push(format!("GC root {slug}"));
+        }
+    }
+    left
+}

@@ -241,7 +241,27 @@ impl Tasks {
     }
 
     /// StartTask: everything in `start.rs`; returns the handle Nomad persists.
+    ///
+    /// The start runs to its end even when the caller hangs up (the agent
+    /// died or dropped the call): cut short, it would leave taps and claims
+    /// behind, or a VM no handle names. A start nobody received is destroyed.
     pub async fn start(self: &Arc<Self>, task: ProtoTaskConfig) -> Result<TaskHandle, TaskError> {
+        let (reply, received) = tokio::sync::oneshot::channel();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let id = task.id.clone();
+            let result = me.start_to_end(task).await;
+            if let Err(Ok(_)) = reply.send(result) {
+                tracing::warn!(task_id = %id, "the agent hung up during StartTask: removing the VM it never got a handle for");
+                if let Err(e) = me.destroy(&id, true).await {
+                    tracing::error!(task_id = %id, error = %crate::service::status::chain(&e), "cannot remove the unclaimed VM");
+                }
+            }
+        });
+        received.await.map_err(|_| TaskError::Boot("the start was interrupted".into()))?
+    }
+
+    async fn start_to_end(self: &Arc<Self>, task: ProtoTaskConfig) -> Result<TaskHandle, TaskError> {
         if self.get(&task.id).is_some() {
             return Err(TaskError::AlreadyExists(task.id));
         }
