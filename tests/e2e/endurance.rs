@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use microvm_e2e::plugin::{configured_plugin, vm_task};
-use microvm_e2e::vm::{BRIDGE, HOST_ADDR, World, leftovers};
-use microvm_e2e::{Netns, open_tempdir, require_root, wait_until};
+use microvm_e2e::plugin::{DirectWorld, vm_task};
+use microvm_e2e::vm::{World, leftovers};
+use microvm_e2e::{require_root, wait_until};
 use microvm_proto::drivers::{DestroyTaskRequest, StartTaskRequest, StopTaskRequest};
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -65,16 +65,9 @@ async fn hundred_start_stop_cycles_leak_nothing() {
     if !require_root("hundred_start_stop_cycles_leak_nothing") {
         return;
     }
-    let dir = open_tempdir();
-    let netns = Netns::new("cycles");
-    netns.add_bridge(BRIDGE, &format!("{HOST_ADDR}/24"));
-    let runner = microvm_e2e::runner::make_runner(
-        &dir.path().join("runners"),
-        &["--hostname", "cy", "--tap", "vm-cy", "--share", "data:data", "--store"],
-    );
-    let state_dir = dir.path().join("state");
-    let (plugin, driver) = configured_plugin(dir.path(), &netns, &state_dir).await;
-    let pid = plugin.process.pid();
+    let w = DirectWorld::new("cycles", "cy").await;
+    let (driver, runner, state_dir) = (w.driver.clone(), w.runner.clone(), w.state_dir.clone());
+    let pid = w.plugin.process.pid();
 
     let cycle = |i: u32| {
         let mut driver = driver.clone();
@@ -110,7 +103,6 @@ async fn hundred_start_stop_cycles_leak_nothing() {
 
     let work_dirs: Vec<_> = std::fs::read_dir(state_dir.join("vms")).unwrap().filter_map(|e| e.ok()).collect();
     assert_eq!(work_dirs.len(), 1, "one VM work dir, kept for its volumes");
-    let left = leftovers(&netns, &state_dir, "cy");
+    let left = leftovers(&w.netns, &state_dir, "cy");
     assert!(left.is_empty(), "left behind: {left:?}");
-    drop(plugin);
 }

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use microvm_e2e::plugin::{configured_plugin, vm_task};
-use microvm_e2e::vm::{BRIDGE, HOST_ADDR, World, leftovers, pgrep, vmm_pids_under};
-use microvm_e2e::{Netns, open_tempdir, require_root, wait_until};
+use microvm_e2e::plugin::{DirectWorld, vm_task};
+use microvm_e2e::vm::{World, leftovers, pgrep, vmm_pids_under};
+use microvm_e2e::{require_root, wait_until};
 use microvm_proto::drivers::{DestroyTaskRequest, StartTaskRequest};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -148,16 +148,9 @@ async fn a_start_the_agent_hangs_up_on_leaves_nothing_behind() {
     if !require_root("a_start_the_agent_hangs_up_on_leaves_nothing_behind") {
         return;
     }
-    let dir = open_tempdir();
-    let netns = Netns::new("hangup");
-    netns.add_bridge(BRIDGE, &format!("{HOST_ADDR}/24"));
-    let runner = microvm_e2e::runner::make_runner(
-        &dir.path().join("runners"),
-        &["--hostname", "hu", "--tap", "vm-hu", "--share", "data:data", "--store"],
-    );
-    let state_dir = dir.path().join("state");
-    let (plugin, mut driver) = configured_plugin(dir.path(), &netns, &state_dir).await;
-    let task = vm_task("dddddddd-0000-0000-0000-000000000000", "hangup", 1, &runner);
+    let w = DirectWorld::new("hangup", "hu").await;
+    let (state_dir, mut driver) = (w.state_dir.clone(), w.driver.clone());
+    let task = vm_task("dddddddd-0000-0000-0000-000000000000", "hangup", 1, &w.runner);
 
     // Hang up the moment the start has created its task dir (taps, claims
     // and the supervisor come after it).
@@ -176,7 +169,7 @@ async fn a_start_the_agent_hangs_up_on_leaves_nothing_behind() {
     let left = || async {
         let mut last = Vec::new();
         for _ in 0..300 {
-            last = leftovers(&netns, &state_dir, "hu");
+            last = leftovers(&w.netns, &state_dir, "hu");
             if last.is_empty() {
                 return last;
             }
@@ -186,7 +179,7 @@ async fn a_start_the_agent_hangs_up_on_leaves_nothing_behind() {
     };
     let after_hangup = left().await;
     assert!(after_hangup.is_empty(), "left behind after the hang-up: {after_hangup:?}");
-    let log = std::fs::read_to_string(&plugin.stderr).unwrap_or_default();
+    let log = std::fs::read_to_string(&w.plugin.stderr).unwrap_or_default();
     assert!(log.contains("hung up during StartTask"), "the plugin says why it removed the VM:\n{log}");
 
     // Nomad's retry: the same task starts, stops and leaves nothing.
@@ -196,5 +189,4 @@ async fn a_start_the_agent_hangs_up_on_leaves_nothing_behind() {
     driver.destroy_task(DestroyTaskRequest { task_id: task.id.clone(), force: true }).await.expect("DestroyTask");
     let after_retry = left().await;
     assert!(after_retry.is_empty(), "left behind after the retry: {after_retry:?}");
-    drop(plugin);
 }

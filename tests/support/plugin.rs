@@ -104,3 +104,32 @@ pub fn vm_task(alloc: &str, job: &str, n: u32, runner: &Path) -> TaskConfig {
         ..Default::default()
     }
 }
+
+/// The agent's side played by the test itself: a configured plugin in its
+/// own namespace (bridge br0) and a store runner for VM `host` with tap
+/// `vm-<host>` and one share. Drops the plugin first, then the namespace,
+/// then the files.
+pub struct DirectWorld {
+    pub plugin: PluginProcess,
+    pub driver: DriverClient<Channel>,
+    pub netns: Netns,
+    pub runner: PathBuf,
+    pub state_dir: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl DirectWorld {
+    pub async fn new(tag: &str, host: &str) -> DirectWorld {
+        let dir = crate::open_tempdir();
+        let netns = Netns::new(tag);
+        netns.add_bridge(crate::vm::BRIDGE, &format!("{}/24", crate::vm::HOST_ADDR));
+        let tap = format!("vm-{host}");
+        let runner = crate::runner::make_runner(
+            &dir.path().join("runners"),
+            &["--hostname", host, "--tap", &tap, "--share", "data:data", "--store"],
+        );
+        let state_dir = dir.path().join("state");
+        let (plugin, driver) = configured_plugin(dir.path(), &netns, &state_dir).await;
+        DirectWorld { plugin, driver, netns, runner, state_dir, dir }
+    }
+}
