@@ -1054,6 +1054,9 @@ prestart tasks (no-ops here), which would only add to raw_exec's numbers.
   same restart with no task at all: Nomad's own start-up (raft, fingerprints,
   plugin launch), which is in every row. Checked after each restart: the same
   VMM pids as before (nothing was restarted) and one `recovered task` per task.
+  The run's log shows raw_exec's `failed to reattach to executor` once per VM:
+  that is the finished `add-interface` prestart task, whose executor has
+  exited (Nomad tries anyway); the VM's own tasks reattach.
 
 {notes(info)}### b in detail (MiB per VM, PSS unless noted; process counts in parentheses)
 

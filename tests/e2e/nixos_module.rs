@@ -531,6 +531,7 @@ fn nomad_agent_loads_the_settings_the_module_writes() {
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
+    microvm_e2e::agent_tmpdir(&mut cmd, dir.path());
     let _agent = Group::spawn("nomad agent", &mut cmd);
     let agent_log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
 

@@ -212,7 +212,10 @@ cmd_start() {
 	# setsid: own session and process group (we are a background job of a
 	# non-interactive shell, so not a group leader: setsid execs in place and
 	# $! is the agent's pid; `ip netns exec` and nsenter exec too).
-	setsid "${cmd[@]}" </dev/null >>"$dir/agent.log" 2>&1 &
+	# Its own temp dir: go-plugin's sockets and a -dev agent's data go there
+	# and leave with DIR, even when the agent dies before cleaning up.
+	mkdir -p "$dir/tmp"
+	TMPDIR=$dir/tmp setsid "${cmd[@]}" </dev/null >>"$dir/agent.log" 2>&1 &
 	pid=$!
 	echo "$pid" >"$dir/agent.pid"
 

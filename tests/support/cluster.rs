@@ -516,6 +516,7 @@ plugin "nomad-driver-microvm" {{
             None => self.netns().command(nomad_bin()),
         };
         cmd.arg("agent").arg(config);
+        crate::agent_tmpdir(&mut cmd, &self.dir);
         cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
         self.process = Some(Group::spawn(&format!("nomad agent {}", self.name), &mut cmd));
         if let Some(dir) = nix_dir {

@@ -20,6 +20,15 @@ pub use nomad::{Agent, AgentOpts};
 pub use procs::Group;
 pub use wait::wait_until;
 
+/// Gives a Nomad agent its own temp dir `<dir>/tmp`: go-plugin's sockets,
+/// a `-dev` agent's data and keystore dirs all go there and vanish with the
+/// test's dir, even when the agent is killed before it can clean up.
+pub fn agent_tmpdir(cmd: &mut std::process::Command, dir: &std::path::Path) {
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).expect("agent temp dir");
+    cmd.env("TMPDIR", tmp);
+}
+
 /// A temp dir others can traverse (0755): the VMM runs as an unprivileged
 /// user and needs to reach its working dir below it.
 pub fn open_tempdir() -> tempfile::TempDir {

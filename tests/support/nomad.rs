@@ -121,6 +121,7 @@ plugin "raw_exec" {{
             std::fs::create_dir_all(&data).expect("data dir");
             cmd.args(["-server", "-bootstrap-expect=1"]).arg(format!("-data-dir={}", data.display()));
         }
+        crate::agent_tmpdir(&mut cmd, &self.dir);
         cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
         self.process = Some(Group::spawn("nomad agent", &mut cmd));
     }
