@@ -22,6 +22,7 @@ commit. Every number in it comes from this run.
 """
 
 import argparse
+import collections
 import concurrent.futures
 import datetime as dt
 import json
@@ -752,7 +753,8 @@ def recovery(side, n, vmm_before):
         res["span_ms"] = (max(rec) - min(rec)) * 1000
     errors = [f"{lg}: {msg}" for _, lvl, lg, msg, _ in lines if lvl == "ERROR" and "docker" not in lg]
     if errors:
-        log(f"d: errors logged during the restart: {errors}")
+        counted = collections.Counter(errors)
+        log("d: errors logged during the restart: " + "; ".join(f"{k} ×{v}" for k, v in counted.items()))
     if n:
         # The same VMMs, still all there a moment later (nothing restarted).
         time.sleep(2)
