@@ -6,10 +6,11 @@
 //!
 //! Module map: the forced command ([`serve`]) parses what the client asked
 //! for ([`command`], [`names`]) and runs git with a per-push `update` hook
-//! ([`hook`]), which exports the commit ([`checkout`]), builds it
-//! ([`nixbuild`]) and deploys it ([`deploy`], [`job`], [`nomad`]); [`status`]
-//! lists a user's VMs; [`keys`] makes the `authorized_keys` lines; [`config`]
-//! is the operator's TOML; [`exec`] runs every external program.
+//! ([`hook`]), which exports the commit ([`checkout`]), checks what its
+//! flake may fetch ([`flakelock`]), builds it ([`nixbuild`]) and deploys
+//! it ([`deploy`], [`job`], [`nomad`]); [`status`] lists a user's VMs;
+//! [`keys`] makes the `authorized_keys` lines; [`config`] is the
+//! operator's TOML; [`exec`] runs every external program.
 
 pub mod checkout;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod deploy;
 pub mod duration;
 pub mod exec;
+pub mod flakelock;
 pub mod hook;
 pub mod job;
 pub mod keys;
