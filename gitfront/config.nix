@@ -23,11 +23,21 @@ let
     nonEmpty = ".+";
   };
 
+  # nix flags of the default build, eval and lock commands (gitfront's
+  # EVAL_FLAGS): what keeps a pushed flake from reading local files.
+  evalFlags = [
+    "--no-use-registries"
+    "--option" "accept-flake-config" "false"
+    "--option" "restrict-eval" "true"
+    "--option" "allowed-uris" "{allowed_uris}"
+  ];
+
   # A leaf has `key` (its TOML name); any other attrset is a [section] whose
   # TOML name is its option name. `kind`:
   #   path, nullPath (null: key left out), storeUrl, searchPath, httpUrl,
   #   duration, namespace          strings of those shapes
   #   nonEmptyList                 a non-empty list of non-empty strings
+  #                                (each matching `pattern`, when given)
   #   argv                         a non-empty list of strings: an argv
   #                                template using each of `required` and
   #                                no placeholder outside `allowed`
@@ -97,21 +107,38 @@ let
       };
     };
     build = {
+      allowedInputSchemes = {
+        key = "allowed_input_schemes";
+        kind = "nonEmptyList";
+        # Network schemes only (gitfront/src/flakelock.rs): path, git+file
+        # and the other local ones are never allowed.
+        pattern = "github|gitlab|sourcehut|git[+](https|http|ssh|git)|hg[+](https|http|ssh)|(tarball|file)[+](https|http)";
+        default = [ "github" "gitlab" "sourcehut" "git+https" "tarball+https" "file+https" ];
+        description = "Flake input schemes a pushed flake's inputs may use (checked in its flake.lock and in the lock nix computes); network schemes only.";
+      };
       command = {
-        allowed = [ "{installable}" "{out_link}" "{flake}" "{attr}" ];
+        allowed = [ "{installable}" "{out_link}" "{flake}" "{attr}" "{allowed_uris}" ];
         required = [ "{installable}" "{out_link}" ];
         key = "command";
         kind = "argv";
-        default = [ "nix" "--extra-experimental-features" "nix-command flakes" "build" "--out-link" "{out_link}" "{installable}" ];
-        description = "argv that builds a runner; placeholders `{installable}` and `{out_link}` (required), `{flake}`, `{attr}`.";
+        default = [ "nix" "--extra-experimental-features" "nix-command flakes" "build" ] ++ evalFlags ++ [ "--no-update-lock-file" "--out-link" "{out_link}" "{installable}" ];
+        description = "argv that builds a runner; placeholders `{installable}` and `{out_link}` (required), `{flake}`, `{attr}`, `{allowed_uris}`.";
       };
       evalCommand = {
-        allowed = [ "{installable}" "{apply}" "{flake}" "{attr}" ];
+        allowed = [ "{installable}" "{apply}" "{flake}" "{attr}" "{allowed_uris}" ];
         required = [ "{installable}" "{apply}" ];
         key = "eval_command";
         kind = "argv";
-        default = [ "nix" "--extra-experimental-features" "nix-command flakes" "eval" "--json" "{installable}" "--apply" "{apply}" ];
-        description = "argv that evaluates a host's settings; placeholders `{installable}` and `{apply}` (required), `{flake}`, `{attr}`.";
+        default = [ "nix" "--extra-experimental-features" "nix-command flakes" "eval" ] ++ evalFlags ++ [ "--no-update-lock-file" "--json" "{installable}" "--apply" "{apply}" ];
+        description = "argv that evaluates a host's settings; placeholders `{installable}` and `{apply}` (required), `{flake}`, `{attr}`, `{allowed_uris}`.";
+      };
+      lockCommand = {
+        allowed = [ "{flake}" "{store}" "{allowed_uris}" ];
+        required = [ "{flake}" "{store}" ];
+        key = "lock_command";
+        kind = "argv";
+        default = [ "nix" "--extra-experimental-features" "nix-command flakes" "flake" "metadata" ] ++ evalFlags ++ [ "--no-write-lock-file" "--json" "--store" "{store}" "{flake}" ];
+        description = "argv that prints the flake's metadata (its lock as nix would use it) using a throwaway store; placeholders `{flake}` and `{store}` (required), `{allowed_uris}`.";
       };
       copyCommand = {
         allowed = [ "{cache}" "{path}" ];
@@ -205,6 +232,8 @@ let
   minOf = o: if o.kind == "positive" then 1 else 0;
 
   matches = kind: v: builtins.isString v && (patternOf kind == null || builtins.match (patternOf kind) v != null);
+  # The same, with the option's own `pattern` for list elements.
+  matchesOption = o: v: matches o.kind v && (!(o ? pattern) || builtins.match o.pattern v != null);
 
   # An argv template's placeholders, as gitfront checks them.
   argvOk = o: argv:
@@ -221,7 +250,7 @@ let
   validLeaf = o: value:
     if o.kind == "uint" || o.kind == "positive" then builtins.isInt value && value >= minOf o && value <= maxOf o
     else if o.kind == "argv" || o.kind == "nonEmptyList" then
-      builtins.isList value && value != [ ] && builtins.all (matches o.kind) value
+      builtins.isList value && value != [ ] && builtins.all (matchesOption o) value
       && (o.kind != "argv" || argvOk o value)
     else if value == null then o.kind == "nullPath"
     else matches o.kind value;

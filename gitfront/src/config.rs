@@ -64,9 +64,14 @@ pub struct NomadConfig {
 
 #[derive(Debug, Clone)]
 pub struct BuildConfig {
+    /// Flake input schemes a pushed flake's lock may use (flakelock.rs):
+    /// network ones only.
+    pub allowed_input_schemes: Vec<String>,
     /// argv templates; see [`BUILD_PLACEHOLDERS`] and friends.
     pub command: Vec<String>,
     pub eval_command: Vec<String>,
+    /// Computes the lock nix would use, in a throwaway store (nixbuild.rs).
+    pub lock_command: Vec<String>,
     pub copy_command: Vec<String>,
     /// Limit for evaluating + building one ref.
     pub timeout: Duration,
@@ -98,21 +103,49 @@ pub struct Limits {
 
 /// Placeholders each template may use; the first ones listed as required
 /// must appear.
-pub const BUILD_PLACEHOLDERS: &[&str] = &["{installable}", "{out_link}", "{flake}", "{attr}"];
+pub const BUILD_PLACEHOLDERS: &[&str] = &["{installable}", "{out_link}", "{flake}", "{attr}", "{allowed_uris}"];
 pub const BUILD_REQUIRED: &[&str] = &["{installable}", "{out_link}"];
-pub const EVAL_PLACEHOLDERS: &[&str] = &["{installable}", "{apply}", "{flake}", "{attr}"];
+pub const EVAL_PLACEHOLDERS: &[&str] = &["{installable}", "{apply}", "{flake}", "{attr}", "{allowed_uris}"];
 pub const EVAL_REQUIRED: &[&str] = &["{installable}", "{apply}"];
+pub const LOCK_PLACEHOLDERS: &[&str] = &["{flake}", "{store}", "{allowed_uris}"];
+pub const LOCK_REQUIRED: &[&str] = &["{flake}", "{store}"];
 pub const COPY_PLACEHOLDERS: &[&str] = &["{cache}", "{path}"];
 pub const COPY_REQUIRED: &[&str] = &["{cache}", "{path}"];
 
 const NIX_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
 
+/// What keeps a pushed flake from reading local files while it is
+/// evaluated (README.md, "Flake inputs"): no registry lookups (an input
+/// nobody locked could be resolved to anything), `nixConfig` ignored,
+/// eval-time fetchers and locked URL inputs limited to `allowed-uris`,
+/// and (`restrict-eval`) no file outside the flake and the store.
+const EVAL_FLAGS: [&str; 10] = [
+    "--no-use-registries",
+    "--option",
+    "accept-flake-config",
+    "false",
+    "--option",
+    "restrict-eval",
+    "true",
+    "--option",
+    "allowed-uris",
+    "{allowed_uris}",
+];
+
 fn nix_command(sub: &[&str]) -> Vec<String> {
     std::iter::once("nix").chain(NIX_FLAGS).chain(sub.iter().copied()).map(String::from).collect()
 }
 
+/// `nix <sub>` with [`EVAL_FLAGS`] and `lock_flag` after the subcommand.
+fn nix_eval_command(sub: &[&str], lock_flag: &str, rest: &[&str]) -> Vec<String> {
+    let mut argv = nix_command(sub);
+    argv.extend(EVAL_FLAGS.iter().chain([&lock_flag]).chain(rest).map(|s| s.to_string()));
+    argv
+}
+
 /// The file as written: everything optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     repos_root: Option<PathBuf>,
@@ -130,6 +163,7 @@ struct RawConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 struct RawNomad {
     address: Option<String>,
@@ -141,16 +175,20 @@ struct RawNomad {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 struct RawBuild {
+    allowed_input_schemes: Option<Vec<String>>,
     command: Option<Vec<String>>,
     eval_command: Option<Vec<String>>,
+    lock_command: Option<Vec<String>>,
     copy_command: Option<Vec<String>>,
     timeout: Option<String>,
     log_tail_lines: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 struct RawJob {
     cpu_per_vcpu: Option<u32>,
@@ -160,6 +198,7 @@ struct RawJob {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_push_bytes: Option<u64>,
@@ -185,8 +224,25 @@ pub fn defaults() -> Config {
             deploy_timeout: Duration::from_secs(300),
         },
         build: BuildConfig {
-            command: nix_command(&["build", "--out-link", "{out_link}", "{installable}"]),
-            eval_command: nix_command(&["eval", "--json", "{installable}", "--apply", "{apply}"]),
+            allowed_input_schemes: crate::flakelock::DEFAULT_SCHEMES.iter().map(|s| s.to_string()).collect(),
+            // The committed lock must lock every input: nix fetches exactly its nodes.
+            command: nix_eval_command(
+                &["build"],
+                "--no-update-lock-file",
+                &["--out-link", "{out_link}", "{installable}"],
+            ),
+            eval_command: nix_eval_command(
+                &["eval"],
+                "--no-update-lock-file",
+                &["--json", "{installable}", "--apply", "{apply}"],
+            ),
+            // Not --no-update-lock-file: the lock nix computes (printed, not
+            // written) names what a lock-less or stale input would fetch.
+            lock_command: nix_eval_command(
+                &["flake", "metadata"],
+                "--no-write-lock-file",
+                &["--json", "--store", "{store}", "{flake}"],
+            ),
             copy_command: nix_command(&["copy", "--to", "{cache}", "{path}"]),
             timeout: Duration::from_secs(30 * 60),
             log_tail_lines: 30,
@@ -298,7 +354,18 @@ impl Config {
             check_template(&joined, allowed, required).map_err(|r| invalid(key, r))?;
             Ok(argv)
         };
+        let allowed_input_schemes = raw.build.allowed_input_schemes.unwrap_or(d.build.allowed_input_schemes);
+        if allowed_input_schemes.is_empty() {
+            return Err(invalid(
+                "build.allowed_input_schemes",
+                "must list at least one scheme (like \"github\")".into(),
+            ));
+        }
+        for s in &allowed_input_schemes {
+            crate::flakelock::check_scheme(s).map_err(|r| invalid("build.allowed_input_schemes", r))?;
+        }
         let build = BuildConfig {
+            allowed_input_schemes,
             command: argv("build.command", raw.build.command, d.build.command, BUILD_PLACEHOLDERS, BUILD_REQUIRED)?,
             eval_command: argv(
                 "build.eval_command",
@@ -306,6 +373,13 @@ impl Config {
                 d.build.eval_command,
                 EVAL_PLACEHOLDERS,
                 EVAL_REQUIRED,
+            )?,
+            lock_command: argv(
+                "build.lock_command",
+                raw.build.lock_command,
+                d.build.lock_command,
+                LOCK_PLACEHOLDERS,
+                LOCK_REQUIRED,
             )?,
             copy_command: argv(
                 "build.copy_command",
@@ -394,8 +468,10 @@ impl Config {
         out += &format!("request_timeout = {}\n", q(&duration::format(self.nomad.request_timeout)));
         out += &format!("deploy_timeout = {}\n", q(&duration::format(self.nomad.deploy_timeout)));
         out += "\n[build]\n";
+        out += &format!("allowed_input_schemes = {}\n", list(&self.build.allowed_input_schemes));
         out += &format!("command = {}\n", list(&self.build.command));
         out += &format!("eval_command = {}\n", list(&self.build.eval_command));
+        out += &format!("lock_command = {}\n", list(&self.build.lock_command));
         out += &format!("copy_command = {}\n", list(&self.build.copy_command));
         out += &format!("timeout = {}\n", q(&duration::format(self.build.timeout)));
         out += &format!("log_tail_lines = {}\n", self.build.log_tail_lines);
@@ -511,8 +587,10 @@ namespace = "t-{user}-{repo}"
 request_timeout = "5s"
 deploy_timeout = "2m"
 [build]
+allowed_input_schemes = ["github", "git+ssh"]
 command = ["nix", "build", "-L", "--out-link", "{out_link}", "{installable}"]
 eval_command = ["nix", "eval", "--json", "{flake}#{attr}", "--apply", "{apply}", "--impure"]
+lock_command = ["nix", "flake", "metadata", "--json", "--store", "{store}", "{flake}", "--option", "allowed-uris", "{allowed_uris}"]
 copy_command = ["nix", "copy", "--to", "{cache}", "{path}"]
 timeout = "10m"
 log_tail_lines = 5
@@ -537,6 +615,58 @@ max_mem = 1024
         assert_eq!(parse(&defaults().to_toml()).unwrap().to_toml(), defaults().to_toml());
     }
 
+    /// Dotted keys of a JSON or TOML document's leaves (`nomad.address`, …).
+    fn dotted(prefix: &str, v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v.as_object() {
+            Some(o) => {
+                for (k, v) in o {
+                    dotted(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, v, out);
+                }
+            }
+            None => {
+                out.insert(prefix.to_string());
+            }
+        }
+    }
+
+    /// `to_toml` is written by hand: it must print every key the file may
+    /// have (the Raw structs, serialized with every field), and no other.
+    #[test]
+    fn to_toml_prints_every_key_the_file_accepts() {
+        let mut accepted = std::collections::BTreeSet::new();
+        dotted("", &serde_json::to_value(RawConfig::default()).unwrap(), &mut accepted);
+        // token_file is the only key without a default: set it.
+        let c = parse("[nomad]\ntoken_file = \"/run/keys/nomad\"").unwrap();
+        let printed: toml::Value = toml::from_str(&c.to_toml()).unwrap();
+        let mut keys = std::collections::BTreeSet::new();
+        dotted("", &serde_json::to_value(printed).unwrap(), &mut keys);
+        assert_eq!(keys, accepted);
+        assert!(
+            accepted.contains("build.allowed_input_schemes") && accepted.contains("limits.max_mem"),
+            "{accepted:?}"
+        );
+    }
+
+    #[test]
+    fn default_templates_restrict_what_a_flake_can_read() {
+        let d = defaults();
+        for argv in [&d.build.command, &d.build.eval_command, &d.build.lock_command] {
+            let joined = argv.join(" ");
+            for flag in [
+                "--no-use-registries",
+                "--option accept-flake-config false",
+                "--option restrict-eval true",
+                "--option allowed-uris {allowed_uris}",
+            ] {
+                assert!(joined.contains(flag), "{joined:?} lacks {flag:?}");
+            }
+        }
+        assert!(d.build.command.contains(&"--no-update-lock-file".to_string()));
+        assert!(d.build.eval_command.contains(&"--no-update-lock-file".to_string()));
+        assert!(d.build.lock_command.contains(&"--no-write-lock-file".to_string()));
+        assert_eq!(d.build.allowed_input_schemes, crate::flakelock::DEFAULT_SCHEMES);
+    }
+
     #[test]
     fn errors_name_the_key() {
         let cases = [
@@ -558,6 +688,24 @@ max_mem = 1024
             ),
             ("[build]\ncopy_command = [\"nix\", \"copy\", \"{path}\"]", "`build.copy_command`: must use {cache}"),
             ("[build]\ntimeout = \"30\"", "`build.timeout`: \"30\" is not a duration"),
+            (
+                "[build]\nallowed_input_schemes = [\"github\", \"path\"]",
+                "`build.allowed_input_schemes`: path reads local files, which pushed flakes may never do",
+            ),
+            (
+                "[build]\nallowed_input_schemes = [\"git+file\"]",
+                "`build.allowed_input_schemes`: git+file reads local files",
+            ),
+            ("[build]\nallowed_input_schemes = [\"s3\"]", "`build.allowed_input_schemes`: unknown input scheme \"s3\""),
+            ("[build]\nallowed_input_schemes = []", "`build.allowed_input_schemes`: must list at least one scheme"),
+            (
+                "[build]\nlock_command = [\"nix\", \"flake\", \"metadata\", \"{flake}\"]",
+                "`build.lock_command`: must use {store}",
+            ),
+            (
+                "[build]\nlock_command = [\"nix\", \"{store}\", \"{flake}\", \"{out_link}\"]",
+                "`build.lock_command`: unknown placeholder {out_link}",
+            ),
             ("[job]\ncpu_per_vcpu = 0", "`job.cpu_per_vcpu`: must be at least 1"),
             ("[limits]\nmax_vcpu = 0", "`limits.max_vcpu`: must be at least 1"),
             ("[limits]\nmax_push_bytes = 0", "`limits.max_push_bytes`: must be at least 1"),

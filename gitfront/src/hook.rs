@@ -98,6 +98,7 @@ pub fn update(config: &Config, user: &UserName, repo: &RepoName, update: &RefUpd
 
     let build = HostBuild::new(config, &src, &branch);
     log.say(format!("building {} from commit {}", build.runner_attr(), short(update.new)));
+    build.check_inputs(&scratch.path().join("lock-store"))?;
     let guest = build.guest()?;
     if guest.vcpu > config.limits.max_vcpu {
         return Err(HookError::Limit { what: "vCPUs", asked: guest.vcpu, limit: config.limits.max_vcpu });

@@ -4,6 +4,17 @@
 //!
 //! The flake is referenced as `path:<dir>`: the directory holds exactly the
 //! pushed commit (checkout.rs), and Nix copies it into the store as is.
+//!
+//! Before anything is evaluated for real, [`HostBuild::check_inputs`]
+//! makes sure that nix will fetch nothing but network inputs of the allowed
+//! schemes (flakelock.rs). Checking the committed `flake.lock` is not
+//! enough: nix reads `flake.nix`'s inputs, and one that the lock does not
+//! lock (say `path:/run/keys/…`, in a flake without a lock) is fetched into
+//! the store *before* `--no-update-lock-file` refuses to change the lock.
+//! So `build.lock_command` first computes the lock nix would use, in a
+//! throwaway store of its own (where whatever that fetches is deleted with
+//! the scratch dir), and that lock is checked too. The real evaluation then
+//! runs with `--no-update-lock-file`: it uses that same lock or stops.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,6 +23,7 @@ use serde::Deserialize;
 
 use crate::config::{Config, expand};
 use crate::exec::{self, ExecError, Finished, Stdout, clean_command};
+use crate::flakelock::{self, LockError};
 use crate::names::Branch;
 
 /// microvm.nix's defaults for `microvm.vcpu` and `microvm.mem`, applied
@@ -28,6 +40,12 @@ pub struct Guest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error(transparent)]
+    Inputs(#[from] LockError),
+    #[error("reading the inputs of flake.nix failed")]
+    LockCheck { output: Vec<String> },
+    #[error("the lock command printed {text:?}, not flake metadata with `locks`")]
+    LockOutput { text: String },
     #[error("evaluating {attr} failed")]
     Eval { attr: String, output: Vec<String> },
     #[error("{attr} evaluated to {text:?}, not {{\"vcpu\": <n>, \"mem\": <MiB>}} with positive whole numbers")]
@@ -66,6 +84,7 @@ impl BuildError {
     pub fn output(&self) -> &[String] {
         match self {
             BuildError::Eval { output, .. }
+            | BuildError::LockCheck { output }
             | BuildError::Build { output, .. }
             | BuildError::Copy { output, .. }
             | BuildError::TimedOut { output, .. } => output,
@@ -77,7 +96,10 @@ impl BuildError {
 /// One host's build, from one exported commit.
 pub struct HostBuild<'a> {
     config: &'a Config,
+    dir: PathBuf,
     flake: String,
+    /// nix's `allowed-uris` for the allowed input schemes.
+    allowed_uris: String,
     branch: &'a Branch,
     deadline: Instant,
 }
@@ -88,7 +110,9 @@ impl<'a> HostBuild<'a> {
     pub fn new(config: &'a Config, flake_dir: &Path, branch: &'a Branch) -> HostBuild<'a> {
         HostBuild {
             config,
+            dir: flake_dir.to_path_buf(),
             flake: format!("path:{}", flake_dir.display()),
+            allowed_uris: flakelock::allowed_uris(&config.build.allowed_input_schemes),
             branch,
             deadline: Instant::now() + config.build.timeout,
         }
@@ -114,13 +138,46 @@ impl<'a> HostBuild<'a> {
         })
     }
 
+    /// Refuses the flake if nix would fetch anything but allowed network
+    /// inputs for it: checks the committed `flake.lock`, then the lock nix
+    /// computes from `flake.nix` in `store` (a private, throwaway chroot
+    /// store; removed here).
+    pub fn check_inputs(&self, store: &Path) -> Result<(), BuildError> {
+        let schemes = &self.config.build.allowed_input_schemes;
+        flakelock::check_committed(&self.dir, schemes)?;
+        let store_text = store.to_string_lossy();
+        let argv = expand(
+            &self.config.build.lock_command,
+            &[("{flake}", &self.flake), ("{store}", &store_text), ("{allowed_uris}", &self.allowed_uris)],
+        );
+        let done = self.run("reading the inputs of flake.nix".into(), argv, Stdout::Capture);
+        remove_store(store);
+        let done = done?;
+        if !done.status.success() {
+            return Err(BuildError::LockCheck { output: done.output });
+        }
+        let text = String::from_utf8_lossy(&done.stdout).trim().to_string();
+        let metadata: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let Some(locks) = metadata.get("locks") else {
+            return Err(BuildError::LockOutput { text });
+        };
+        flakelock::check("flake.nix", locks, schemes)?;
+        Ok(())
+    }
+
     /// `microvm.vcpu` and `microvm.mem` of the host (defaults 1 and 512).
     pub fn guest(&self) -> Result<Guest, BuildError> {
         let attr = self.microvm_attr();
         let installable = format!("{}#{attr}", self.flake);
         let argv = expand(
             &self.config.build.eval_command,
-            &[("{installable}", &installable), ("{apply}", APPLY), ("{flake}", &self.flake), ("{attr}", &attr)],
+            &[
+                ("{installable}", &installable),
+                ("{apply}", APPLY),
+                ("{flake}", &self.flake),
+                ("{attr}", &attr),
+                ("{allowed_uris}", &self.allowed_uris),
+            ],
         );
         let done = self.run(format!("evaluating {attr}"), argv, Stdout::Capture)?;
         if !done.status.success() {
@@ -144,7 +201,13 @@ impl<'a> HostBuild<'a> {
         let link = out_link.to_string_lossy();
         let argv = expand(
             &self.config.build.command,
-            &[("{installable}", &installable), ("{out_link}", &link), ("{flake}", &self.flake), ("{attr}", &attr)],
+            &[
+                ("{installable}", &installable),
+                ("{out_link}", &link),
+                ("{flake}", &self.flake),
+                ("{attr}", &attr),
+                ("{allowed_uris}", &self.allowed_uris),
+            ],
         );
         let done = self.run(format!("building {attr}"), argv, Stdout::Merge)?;
         if !done.status.success() {
@@ -178,6 +241,25 @@ impl<'a> HostBuild<'a> {
             return Err(BuildError::Copy { path: path_text.into_owned(), cache: cache.clone(), output: done.output });
         }
         Ok(done.elapsed)
+    }
+}
+
+/// Removes a chroot store nix made: its store paths are read-only, so
+/// (unless we are root) their directories must be made writable first.
+fn remove_store(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fn writable(dir: &Path) {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                writable(&e.path());
+            }
+        }
+    }
+    if dir.exists() {
+        writable(dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -252,5 +334,65 @@ mod tests {
             "building nixosConfigurations.alpha.config.microvm.declaredRunner exceeded the build time limit of 1s"
         );
         assert_eq!(e.output(), ["compiling"]);
+    }
+
+    /// A config whose lock command is `sh -c <script> {flake} {store} {allowed_uris}`.
+    fn lock_config(script: &str) -> Config {
+        let text = format!(
+            "path = \"/usr/bin:/bin\"\n[build]\nlock_command = [\"sh\", \"-c\", {script:?}, \"{{flake}}\", \"{{store}}\", \"{{allowed_uris}}\"]\n"
+        );
+        Config::parse(Path::new("/t.toml"), &text).unwrap()
+    }
+
+    /// Prints flake metadata whose lock has the root input `s` = `locked`.
+    fn metadata_script(locked: &str) -> String {
+        format!(
+            r#"echo '{{"locks": {{"nodes": {{"root": {{"inputs": {{"s": "s"}}}}, "s": {{"locked": {locked}, "original": {locked}}}}}, "root": "root", "version": 7}}}}'"#
+        )
+    }
+
+    #[test]
+    fn check_inputs_checks_the_committed_lock_and_the_computed_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let store = tmp.path().join("store");
+        let b = branch();
+
+        // The placeholders, and a store nix left read-only is removed.
+        let c = lock_config(
+            r#"echo "$0 $2" > "$1.args"; mkdir -p "$1/nix/store/x-source"; chmod -R a-w "$1"; echo '{"locks": {"nodes": {"root": {}}}}'"#,
+        );
+        HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap();
+        let args = std::fs::read_to_string(tmp.path().join("store.args")).unwrap();
+        assert_eq!(args.trim(), format!("path:{} https://", src.display()));
+        assert!(!store.exists(), "the lock check's store is removed");
+
+        // An input of flake.nix that no committed lock mentions.
+        let c = lock_config(&metadata_script(r#"{"type": "path", "path": "/run/keys/token", "narHash": "sha256-x"}"#));
+        let e = HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "flake.nix: input s (path:/run/keys/token) reads local files; pushed flakes may only fetch inputs over the network"
+        );
+        let c = lock_config(&metadata_script(r#"{"type": "github", "owner": "o", "repo": "r", "rev": "a"}"#));
+        HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap();
+
+        // The committed lock is checked before nix runs at all.
+        let bad = r#"{"nodes": {"root": {"inputs": {"k": "k"}}, "k": {"locked": {"type": "git", "url": "file:///srv/bob.git"}}}}"#;
+        std::fs::write(src.join("flake.lock"), bad).unwrap();
+        let c = lock_config("touch \"$1.ran\"; exit 1");
+        let e = HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap_err();
+        assert!(e.to_string().starts_with("flake.lock: input k (git+file:///srv/bob.git) reads local files"), "{e}");
+        assert!(!tmp.path().join("store.ran").exists(), "nix did not run");
+        std::fs::remove_file(src.join("flake.lock")).unwrap();
+
+        let c = lock_config("echo 'error: flake.nix: syntax error' >&2; exit 1");
+        let e = HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap_err();
+        assert_eq!(e.to_string(), "reading the inputs of flake.nix failed");
+        assert_eq!(e.output(), ["error: flake.nix: syntax error"]);
+        let c = lock_config("echo 'not json'");
+        let e = HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap_err();
+        assert_eq!(e.to_string(), "the lock command printed \"not json\", not flake metadata with `locks`");
     }
 }

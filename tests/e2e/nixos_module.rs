@@ -585,8 +585,10 @@ const FRONT_SAMPLE: &str = r#"{
     deployTimeout = "2m";
   };
   build = {
+    allowedInputSchemes = [ "github" "git+ssh" ];
     command = [ "nix" "build" "-L" "--out-link" "{out_link}" "{installable}" ];
     evalCommand = [ "nix" "eval" "--json" "{flake}#{attr}" "--apply" "{apply}" "--show-trace" ];
+    lockCommand = [ "nix" "flake" "metadata" "--json" "--store" "{store}" "{flake}" ];
     copyCommand = [ "nix" "copy" "-v" "--to" "{cache}" "{path}" ];
     timeout = "10m";
     logTailLines = 5;
@@ -702,6 +704,10 @@ fn gitfront_option_types_refuse_what_gitfront_refuses() {
         (r#"[ "build" "copyCommand" ]"#, r#"[ "nix" "copy" "{path}" ]"#),
         (r#"[ "build" "copyCommand" ]"#, r#"[ "nix" "copy" "--to" "{cache}" "{path}" "{out_link}" ]"#),
         (r#"[ "build" "evalCommand" ]"#, r#"[ "nix" "eval" "{flake}" "--apply" "{apply}" ]"#),
+        (r#"[ "build" "lockCommand" ]"#, r#"[ "nix" "flake" "metadata" "{flake}" ]"#),
+        (r#"[ "build" "allowedInputSchemes" ]"#, r#"[ "github" "path" ]"#),
+        (r#"[ "build" "allowedInputSchemes" ]"#, r#"[ "git+file" ]"#),
+        (r#"[ "build" "allowedInputSchemes" ]"#, "[ ]"),
         (r#"[ "job" "cpuPerVcpu" ]"#, "0"),
         (r#"[ "limits" "maxVcpu" ]"#, "0"),
         (r#"[ "limits" "maxPushBytes" ]"#, "0"),

@@ -17,18 +17,35 @@ use crate::{Group, Netns, repo_root, wait_until};
 /// The port sshd listens on (inside the test's own namespace: always free).
 pub const SSH_PORT: u16 = 2222;
 
-/// nix flags every command needs with Debian's nix here: flakes, no
-/// sandbox (builders run make-runner.sh with host tools), no substituters
-/// (no internet).
-pub const NIX_FLAGS: [&str; 6] =
-    ["--extra-experimental-features", "nix-command flakes", "--option", "sandbox", "false", "--option"];
+/// What Debian's nix needs here, put after `nix` in each of gitfront's
+/// default command templates: no sandbox (builders run make-runner.sh with
+/// host tools), no substituters (no internet).
+pub const DEBIAN_NIX_FLAGS: [&str; 6] = ["--option", "sandbox", "false", "--option", "substituters", ""];
 
-fn nix_argv(sub: &[&str]) -> String {
-    let mut argv: Vec<String> = vec!["nix".into()];
-    argv.extend(NIX_FLAGS.iter().map(|s| s.to_string()));
-    argv.extend(["substituters".to_string(), String::new()]);
-    argv.extend(sub.iter().map(|s| s.to_string()));
-    format!("[{}]", argv.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", "))
+/// gitfront's default `build.*_command` templates (`gitfront check-config`
+/// of an empty file), each with [`DEBIAN_NIX_FLAGS`]: the tests run the
+/// flags that keep pushed flakes from reading local files, as shipped.
+fn default_commands() -> String {
+    static COMMANDS: OnceLock<String> = OnceLock::new();
+    COMMANDS
+        .get_or_init(|| {
+            let printed = run_ok(
+                Command::new(crate::bins::gitfront_bin()).args(["check-config", "/dev/null"]),
+                "gitfront check-config /dev/null",
+            );
+            let defaults: toml::Value = toml::from_str(&printed).expect("check-config prints TOML");
+            let mut out = String::new();
+            for key in ["command", "eval_command", "lock_command", "copy_command"] {
+                let argv = defaults["build"][key].as_array().expect("an argv template");
+                let mut argv: Vec<String> = argv.iter().map(|a| a.as_str().expect("a string").to_string()).collect();
+                assert_eq!(argv[0], "nix", "build.{key}");
+                argv.splice(1..1, DEBIAN_NIX_FLAGS.iter().map(|s| s.to_string()));
+                let quoted: Vec<String> = argv.iter().map(|a| toml::Value::String(a.clone()).to_string()).collect();
+                out += &format!("{key} = [{}]\n", quoted.join(", "));
+            }
+            out
+        })
+        .clone()
 }
 
 /// A gitfront config for tests; `nomad` is the agent's address.
@@ -45,19 +62,14 @@ request_timeout = "5s"
 deploy_timeout = "3m"
 
 [build]
-command = {build}
-eval_command = {eval}
-copy_command = {copy}
-timeout = "5m"
+{commands}timeout = "5m"
 
 [job]
 cpu_per_vcpu = 200
 {extra}
 "#,
         dir = dir.display(),
-        build = nix_argv(&["build", "--out-link", "{out_link}", "{installable}"]),
-        eval = nix_argv(&["eval", "--json", "{installable}", "--apply", "{apply}"]),
-        copy = nix_argv(&["copy", "--to", "{cache}", "{path}"]),
+        commands = default_commands(),
     )
 }
 
