@@ -199,6 +199,17 @@ let
       default = cfg.cache.publicKeys;
       defaultText = literalExpression "cache.publicKeys";
     };
+    # The driver's own default is 0s (never), right for a lone `nomad agent
+    # -dev`; on a cluster a node whose agent stays dead while the machine
+    # runs would keep its VMs beside their replacements. 45s: shorter than
+    # gitfront's `job.stopOnClientAfter` (1m), and far longer than the agent
+    # is away during a restart (`nixos-rebuild switch` restarts it in
+    # seconds; the plugin renews the lease every 2s while an agent is
+    # connected).
+    stopWithoutAgentAfter = {
+      default = "45s";
+      description = "Plugin config key `stop_without_agent_after`: ${plugin.options.stopWithoutAgentAfter.description} The module's default (45s; the driver's own is 0s) is shorter than gitfront's `job.stopOnClientAfter` (1m) and much longer than an agent restart; the module warns where it is 0 or, on a gitfront node, not shorter than `gitfront.settings.job.stopOnClientAfter`.";
+    };
   };
 
   driverOptions = lib.mapAttrs
@@ -262,6 +273,20 @@ let
   vmmGroupIsName = builtins.match "[0-9]+" cfg.driver.vmmGroup == null;
 
   cloudFingerprinters = [ "env_aws" "env_gce" "env_azure" "env_digitalocean" ];
+
+  # Seconds in a duration: Go's syntax ("1m30s", "1.5h", "250ms", "0"), of
+  # which gitfront's is a subset; the option types have checked the shape.
+  durationSeconds = d:
+    let
+      unit = { ns = 1.0e-9; us = 1.0e-6; "µs" = 1.0e-6; ms = 1.0e-3; s = 1.0; m = 60.0; h = 3600.0; };
+      int = s: builtins.fromJSON (builtins.head (builtins.match "0*([0-9]+)" s));
+      frac = s: if s == null || s == "" then 0.0 else builtins.fromJSON "0.${s}";
+      parts = builtins.filter builtins.isList (builtins.split "([0-9]+)([.]([0-9]*))?(ns|us|µs|ms|s|m|h)" d);
+    in
+    builtins.foldl' (acc: p: acc + (int (builtins.elemAt p 0) + frac (builtins.elemAt p 2)) * unit.${builtins.elemAt p 3}) 0.0 parts;
+
+  stopWithoutAgent = durationSeconds cfg.driver.stopWithoutAgentAfter;
+  stopOnClient = durationSeconds cfg.gitfront.settings.job.stopOnClientAfter;
 in
 {
   options.services.nomad-microvm = {
@@ -489,6 +514,12 @@ in
           };
         };
       };
+
+      warnings =
+        lib.optional (stopWithoutAgent == 0)
+          "services.nomad-microvm.driver.stopWithoutAgentAfter is ${cfg.driver.stopWithoutAgentAfter} (never): if this node's Nomad agent stays dead while the machine runs on, its VMs keep running beside the replacements the servers place on other nodes. Set it below the jobs' disconnect.stop_on_client_after (gitfront's: gitfront.settings.job.stopOnClientAfter, default 1m)."
+        ++ lib.optional (cfg.gitfront.enable && stopWithoutAgent != 0 && stopWithoutAgent >= stopOnClient)
+          "services.nomad-microvm.driver.stopWithoutAgentAfter (${cfg.driver.stopWithoutAgentAfter}) is not shorter than gitfront.settings.job.stopOnClientAfter (${cfg.gitfront.settings.job.stopOnClientAfter}): a node whose Nomad agent died may still run a VM when the servers start its replacement elsewhere. Make it shorter (on every node that runs gitfront's jobs).";
 
       boot.kernelModules = cfg.kernelModules;
 

@@ -196,6 +196,45 @@ fn module_defaults_are_the_driver_defaults() {
     let from_nix = check_config(&nix_eval("p.render p.defaults")).expect("defaults accepted");
     let driver = check_config(&serde_json::json!({})).expect("empty config accepted");
     assert_eq!(from_nix, driver, "driver/plugin-config.nix's defaults differ from driver/src/config.rs's");
+
+    // What a NixOS host gets when it sets no driver option: the driver's
+    // defaults, but for the keys where the module deliberately knows better,
+    // each listed here with its value and reason. Any other difference, or a
+    // listed key that no longer differs, fails.
+    let deliberate = [
+        (
+            "virtiofsd",
+            "/nix/store/00000000000000000000000000000000-virtiofsd/bin/virtiofsd",
+            "a store path, not a PATH lookup",
+        ),
+        ("nix", "/nix/store/00000000000000000000000000000000-nix/bin/nix", "config.nix.package"),
+        (
+            "stop_without_agent_after",
+            "45s",
+            "0s (never) lets a dead agent's VMs run beside their replacements: shorter than gitfront's \
+             stop_on_client_after (1m), longer than an agent restart",
+        ),
+    ];
+    let table: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_value(nix_eval("p.render p.defaults")).unwrap();
+    let host =
+        module_eval("{ enable = true; }")["services"]["nomad"]["settings"]["plugin"]["nomad-driver-microvm"]["config"]
+            .clone();
+    let host: serde_json::Map<String, serde_json::Value> = serde_json::from_value(host).unwrap();
+    assert_eq!(host.keys().collect::<BTreeSet<_>>(), table.keys().collect::<BTreeSet<_>>());
+    for (key, default) in &table {
+        match deliberate.iter().find(|(k, _, _)| k == key) {
+            Some((_, value, why)) => {
+                assert_eq!(host[key], *value, "the module's default for {key} ({why})");
+                assert_ne!(
+                    host[key], *default,
+                    "{key} is listed as a deliberate difference but is the driver's default"
+                );
+            }
+            None => assert_eq!(host[key], *default, "the module's default for {key} differs from the driver's"),
+        }
+    }
+    check_config(&serde_json::Value::Object(host)).expect("the driver takes the module's defaults");
 }
 
 #[test]
@@ -247,14 +286,17 @@ fn render_refuses_missing_and_unknown_options() {
 // The whole module, evaluated with a stand-in for nixpkgs' lib (nixpkgs is
 // not reachable here; the flake's VM check evaluates it for real)
 
-/// `{ module, settings }: <the module's config, resolved>`: option values are
-/// the given settings or the defaults, checked against their types;
-/// mkIf/mkMerge/mkDefault are resolved and definitions merged. Packages are
-/// fake store paths.
+/// `{ module, settings, host }: <the module's config, resolved>`: option
+/// values are the given settings or the defaults, checked against their
+/// types; mkIf/mkMerge/mkDefault/mkOverride are resolved and definitions
+/// merged. Packages are fake store paths. What the module reads from outside
+/// its own options is what nixpkgs' modules would give it, with `host` (the
+/// rest of a machine's config, as plain values) on top.
 const STAND_IN: &str = r#"# A stand-in for nixpkgs' lib and module system, just enough to evaluate
 # nixos-module.nix: option values are a user's definitions or the defaults
-# (type-checked), mkIf/mkMerge/mkDefault are resolved, definitions merged.
-{ module, settings }:
+# (type-checked), mkIf/mkMerge/mkDefault/mkOverride are resolved,
+# definitions merged.
+{ module, settings, host ? { } }:
 let
   inherit (builtins) isAttrs isList isString isInt isBool attrNames mapAttrs filter foldl' concatMap elem all any match;
   types = rec {
@@ -282,6 +324,7 @@ let
     mkIf = cond: content: { _type = "if"; inherit cond content; };
     mkMerge = contents: { _type = "merge"; inherit contents; };
     mkDefault = content: { _type = "override"; inherit content; };
+    mkOverride = priority: content: { _type = "override"; inherit priority content; };
     literalExpression = text: { _type = "literalExpression"; inherit text; };
     optional = c: x: if c then [ x ] else [ ];
     optionals = c: xs: if c then xs else [ ];
@@ -351,25 +394,63 @@ let
   args = { inherit lib pkgs config; };
   m = import module args;
   cfgValues = values [ "services" "nomad-microvm" ] m.options.services.nomad-microvm settings;
-  config = {
-    services.nomad-microvm = cfgValues;
+  # The defaults of the nixpkgs options the module reads.
+  nixos = {
     nix.package = pkg "nix";
+    nix.settings = { sandbox = true; trusted-users = [ "root" ]; };
     networking.useNetworkd = false;
+    networking.interfaces = { };
+    # nixpkgs' services.nomad (nixos/modules/services/networking/nomad.nix).
+    systemd.services.nomad.serviceConfig = { KillMode = "process"; KillSignal = "SIGINT"; LimitNOFILE = 65536; };
   };
+  update = a: b: a // mapAttrs (n: bv: if isAttrs bv && isAttrs (a.${n} or null) then update a.${n} bv else bv) b;
+  config = update (update nixos host) { services.nomad-microvm = cfgValues; };
 in
 resolve m.config"#;
 
-/// The module's resolved config for `settings` (services.nomad-microvm).
-fn module_eval_raw(settings: &str) -> Output {
+/// The module's resolved config for `settings` (services.nomad-microvm), on
+/// a host whose other config is `host` (plain values over nixpkgs' defaults).
+fn module_eval_host_raw(settings: &str, host: &str) -> Output {
     let file = repo_root().join("nixos-module.nix");
-    let expr = format!("({STAND_IN}) {{ module = {}; settings = {settings}; }}", file.display());
+    let expr = format!("({STAND_IN}) {{ module = {}; settings = {settings}; host = {host}; }}", file.display());
     run(Command::new("nix-instantiate").current_dir(repo_root()).args(["--eval", "--strict", "--json", "-E", &expr]))
 }
 
-fn module_eval(settings: &str) -> serde_json::Value {
-    let out = module_eval_raw(settings);
-    assert!(out.status.success(), "nixos-module.nix does not evaluate with {settings}:\n{}", text(&out.stderr));
+fn module_eval_raw(settings: &str) -> Output {
+    module_eval_host_raw(settings, "{ }")
+}
+
+fn module_eval_host(settings: &str, host: &str) -> serde_json::Value {
+    let out = module_eval_host_raw(settings, host);
+    assert!(
+        out.status.success(),
+        "nixos-module.nix does not evaluate with {settings} on {host}:\n{}",
+        text(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+fn module_eval(settings: &str) -> serde_json::Value {
+    module_eval_host(settings, "{ }")
+}
+
+/// The module's warnings for this config.
+fn warnings(config: &serde_json::Value) -> Vec<String> {
+    config["warnings"]
+        .as_array()
+        .map(|w| w.iter().map(|m| m.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The messages of the module's failed assertions for this config.
+fn failed_assertions(config: &serde_json::Value) -> Vec<String> {
+    config["assertions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["assertion"] == false)
+        .map(|a| a["message"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// A cluster node with everything on.
@@ -445,6 +526,47 @@ fn module_writes_configs_the_binaries_accept() {
     let networks = &config["systemd"]["network"]["networks"];
     assert_eq!(networks["41-vmbr0-ports"]["networkConfig"]["Bridge"], "vmbr0");
     assert_eq!(networks["40-vmbr0"]["address"], serde_json::json!(["10.0.0.1/24"]));
+
+    // A well-set cluster node gets no warning.
+    assert_eq!(warnings(&config), Vec::<String>::new());
+}
+
+#[test]
+fn stop_without_agent_after_is_checked_against_gitfronts_jobs() {
+    let warned = |settings: &str| -> Vec<String> { warnings(&module_eval(settings)) };
+    let never = "driver.stopWithoutAgentAfter is 0";
+    let not_shorter = "is not shorter than gitfront.settings.job.stopOnClientAfter";
+    // The defaults (45s, 1m) are fine, with or without gitfront.
+    assert!(warned("{ enable = true; }").is_empty());
+    assert!(warned("{ enable = true; gitfront.enable = true; }").is_empty());
+    // 0 (in any spelling) is never on a node that runs VMs.
+    for zero in ["0", "0s", "0m0s"] {
+        let w = warned(&format!("{{ enable = true; driver.stopWithoutAgentAfter = \"{zero}\"; }}"));
+        assert!(w.len() == 1 && w[0].contains(never), "{zero}: {w:?}");
+    }
+    assert!(warned("{ enable = true; role = \"server\"; driver.stopWithoutAgentAfter = \"0s\"; }").is_empty());
+    // Against gitfront's stop_on_client_after, compared as durations.
+    for (stop, on_client, warn) in [
+        ("1m", "1m", true),
+        ("60s", "1m", true),
+        ("1m30s", "1m", true),
+        ("1.5m", "2m", false),
+        ("119s", "2m", false),
+        ("2m0.5s", "2m", true),
+        ("45s", "30s", true),
+        ("29s", "30s", false),
+        ("500ms", "1s", false),
+        ("1000ms", "1s", true),
+        ("1h", "59m", true),
+    ] {
+        let w = warned(&format!(
+            "{{ enable = true; driver.stopWithoutAgentAfter = \"{stop}\"; \
+             gitfront = {{ enable = true; settings.job.stopOnClientAfter = \"{on_client}\"; }}; }}"
+        ));
+        assert_eq!(w.iter().any(|m| m.contains(not_shorter)), warn, "{stop} vs {on_client}: {w:?}");
+    }
+    // Without gitfront here this node does not know the jobs' value.
+    assert!(warned("{ enable = true; driver.stopWithoutAgentAfter = \"5m\"; }").is_empty());
 }
 
 #[test]
@@ -455,14 +577,7 @@ fn module_refuses_bad_settings() {
         ("{ enable = true; cache.signingKeyFile = \"/nix/store/abc-key\"; }", "must not be in the Nix store"),
     ];
     for (settings, want) in cases {
-        let config = module_eval(settings);
-        let failed: Vec<&str> = config["assertions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|a| a["assertion"] == false)
-            .map(|a| a["message"].as_str().unwrap())
-            .collect();
+        let failed = failed_assertions(&module_eval(settings));
         assert!(failed.iter().any(|m| m.contains(want)), "{settings}: {failed:?}");
     }
     // Types: values the binaries would refuse never reach them.
