@@ -521,6 +521,44 @@ in
         ++ lib.optional (cfg.gitfront.enable && stopWithoutAgent != 0 && stopWithoutAgent >= stopOnClient)
           "services.nomad-microvm.driver.stopWithoutAgentAfter (${cfg.driver.stopWithoutAgentAfter}) is not shorter than gitfront.settings.job.stopOnClientAfter (${cfg.gitfront.settings.job.stopOnClientAfter}): a node whose Nomad agent died may still run a VM when the servers start its replacement elsewhere. Make it shorter (on every node that runs gitfront's jobs).";
 
+      assertions = [{
+        assertion = (config.systemd.services.nomad.serviceConfig.KillMode or "control-group") == "process";
+        message = "services.nomad-microvm: systemd.services.nomad.serviceConfig.KillMode must be \"process\": the VMs' supervisors live in nomad.service's cgroup, and any other mode kills every VM whenever the agent stops or restarts (`systemctl restart nomad`, `nixos-rebuild switch`).";
+      }];
+
+      systemd.services.nomad.serviceConfig = {
+        # VMs outlive their agent: the plugin starts each VM's supervisor in
+        # its own session, but systemd still counts it in nomad.service's
+        # cgroup. KillMode=process (nixpkgs' value, pinned here) signals only
+        # the agent on stop and restart, so `systemctl restart nomad` and
+        # `nixos-rebuild switch` leave the VMs running and the restarted
+        # agent recovers them; `control-group` or `mixed` would kill them all.
+        KillMode = lib.mkOverride 90 "process";
+        # The driver raises RLIMIT_NOFILE to 1048576 and RLIMIT_MEMLOCK to
+        # infinity for the VMM and virtiofsd (microvm.nix's unit limits)
+        # itself. Above the hard limits it inherits from this unit that takes
+        # CAP_SYS_RESOURCE, which a root agent has; these hard limits make it
+        # work without it (a container, a unit with a capability bounding
+        # set). The agent's soft NOFILE stays nixpkgs' 65536. (microvm.nix's
+        # PAM memlock limits for its user count only in PAM sessions, not
+        # for processes the agent starts.)
+        LimitNOFILE = lib.mkOverride 90 "65536:1048576";
+        LimitMEMLOCK = "infinity";
+      };
+
+      # The devices the VMM (driver.vmmUser, whose only group is
+      # driver.vmmGroup) opens: systemd's own rules (50-udev-default.rules)
+      # as NixOS builds them, restated so they do not hang on systemd's
+      # build options or version (older ones left /dev/vhost-vsock root-only).
+      # World-usable like there: the VMM gets no supplementary groups, and
+      # Nix builds with the `kvm` system feature (nixbld users) use /dev/kvm.
+      services.udev.extraRules = ''
+        SUBSYSTEM=="misc", KERNEL=="kvm", GROUP="kvm", MODE="0666", OPTIONS+="static_node=kvm"
+        SUBSYSTEM=="misc", KERNEL=="vhost-net", GROUP="kvm", MODE="0666", OPTIONS+="static_node=vhost-net"
+        SUBSYSTEM=="misc", KERNEL=="vhost-vsock", GROUP="kvm", MODE="0666", OPTIONS+="static_node=vhost-vsock"
+        SUBSYSTEM=="misc", KERNEL=="tun", MODE="0666", OPTIONS+="static_node=net/tun"
+      '';
+
       boot.kernelModules = cfg.kernelModules;
 
       users.users = mkIf (cfg.createVmmUser && vmmUserIsName) {

@@ -532,6 +532,41 @@ fn module_writes_configs_the_binaries_accept() {
 }
 
 #[test]
+fn the_agent_unit_lets_vms_outlive_the_agent() {
+    let config = module_eval(NODE);
+    let unit = &config["systemd"]["services"]["nomad"]["serviceConfig"];
+    assert_eq!(unit["KillMode"], "process", "a restart of the agent must not kill the VMs");
+    assert_eq!(unit["LimitMEMLOCK"], "infinity");
+    assert_eq!(unit["LimitNOFILE"], "65536:1048576", "soft as nixpkgs, hard as microvm.nix's VMM");
+    // The devices the VMM opens, for the kvm group (and all, as systemd has them).
+    let rules = config["services"]["udev"]["extraRules"].as_str().unwrap();
+    for dev in ["kvm", "vhost-net", "vhost-vsock"] {
+        let line =
+            rules.lines().find(|l| l.contains(&format!("KERNEL==\"{dev}\""))).unwrap_or_else(|| panic!("{rules}"));
+        assert!(line.contains("GROUP=\"kvm\"") && line.contains("MODE=\"0666\""), "{line}");
+        assert!(line.contains(&format!("static_node={dev}")), "{line}");
+    }
+    assert!(rules.contains("KERNEL==\"tun\", MODE=\"0666\", OPTIONS+=\"static_node=net/tun\""), "{rules}");
+
+    // Whatever forces another KillMode is refused, naming why.
+    for mode in ["control-group", "mixed", "none"] {
+        let host = format!("{{ systemd.services.nomad.serviceConfig.KillMode = \"{mode}\"; }}");
+        let failed = failed_assertions(&module_eval_host(NODE, &host));
+        assert!(failed.iter().any(|m| m.contains("KillMode must be \"process\"")), "{mode}: {failed:?}");
+    }
+    // Servers run no VMs: none of this there.
+    let server = module_eval("{ enable = true; role = \"server\"; }");
+    assert!(server["systemd"]["services"]["nomad"].is_null(), "{}", server["systemd"]);
+    assert!(
+        failed_assertions(&module_eval_host(
+            "{ enable = true; role = \"server\"; }",
+            "{ systemd.services.nomad.serviceConfig.KillMode = \"mixed\"; }"
+        ))
+        .is_empty()
+    );
+}
+
+#[test]
 fn stop_without_agent_after_is_checked_against_gitfronts_jobs() {
     let warned = |settings: &str| -> Vec<String> { warnings(&module_eval(settings)) };
     let never = "driver.stopWithoutAgentAfter is 0";
