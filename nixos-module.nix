@@ -287,6 +287,14 @@ let
 
   stopWithoutAgent = durationSeconds cfg.driver.stopWithoutAgentAfter;
   stopOnClient = durationSeconds cfg.gitfront.settings.job.stopOnClientAfter;
+
+  # Uplinks the host also configures itself: their addresses or DHCP leases
+  # would land on a bridge port, where they do not work.
+  configuredUplinks = builtins.filter
+    (i:
+      let c = config.networking.interfaces.${i} or null; in
+      c != null && (c.ipv4.addresses != [ ] || c.ipv6.addresses != [ ] || c.useDHCP == true))
+    cfg.bridge.interfaces;
 in
 {
   options.services.nomad-microvm = {
@@ -594,7 +602,10 @@ in
           # not hold back network-online.target (Nomad starts after it).
           linkConfig.RequiredForOnline = if cfg.bridge.interfaces == [ ] then "no" else "routable";
         };
-        networks."41-${cfg.bridge.name}-ports" = mkIf (cfg.bridge.interfaces != [ ]) {
+        # Before NixOS's own "40-<interface>" (networking.interfaces.* with
+        # networkd): networkd takes the first file that matches, and an
+        # uplink must be a port, whatever else configures it.
+        networks."30-${cfg.bridge.name}-ports" = mkIf (cfg.bridge.interfaces != [ ]) {
           matchConfig.Name = lib.concatStringsSep " " cfg.bridge.interfaces;
           networkConfig.Bridge = cfg.bridge.name;
           linkConfig.RequiredForOnline = "enslaved";
@@ -603,6 +614,17 @@ in
       # Where networkd manages nothing but a bridge without uplinks, its
       # wait-online would wait for a link that never comes online.
       systemd.network.wait-online.enable = mkIf (!config.networking.useNetworkd && cfg.bridge.interfaces == [ ]) (mkDefault false);
+
+      # With NixOS's scripted networking (networking.useDHCP, the default)
+      # dhcpcd runs on every interface it finds: on an uplink it would take
+      # a lease on a bridge port, and on the bridge compete with networkd
+      # (dhcpcd skips bridges and taps by itself only while it has no
+      # per-interface config). The VMs' taps are never the host's.
+      networking.dhcpcd.denyInterfaces = [ cfg.bridge.name ] ++ cfg.bridge.interfaces;
+
+      warnings = map
+        (i: "services.nomad-microvm.bridge.interfaces: ${i} is a port of ${cfg.bridge.name}, but networking.interfaces.${i} gives it addresses or DHCP, which a bridge port cannot use (and which are not applied to it). Put the host's addresses on the bridge: bridge.addresses or bridge.dhcp.")
+        configuredUplinks;
     })
 
     (mkIf cfg.gitfront.enable {

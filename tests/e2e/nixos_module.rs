@@ -522,10 +522,13 @@ fn module_writes_configs_the_binaries_accept() {
             .any(|r| r == "d /mnt/cache 0755 git root - -")
     );
 
-    // The bridge, with its uplink.
+    // The bridge, with its uplink, in a file networkd takes before NixOS's
+    // own "40-eno1" (networking.interfaces.eno1); no dhcpcd on either.
     let networks = &config["systemd"]["network"]["networks"];
-    assert_eq!(networks["41-vmbr0-ports"]["networkConfig"]["Bridge"], "vmbr0");
+    assert_eq!(networks["30-vmbr0-ports"]["networkConfig"]["Bridge"], "vmbr0");
+    assert!("30-vmbr0-ports" < "40-eno1");
     assert_eq!(networks["40-vmbr0"]["address"], serde_json::json!(["10.0.0.1/24"]));
+    assert_eq!(config["networking"]["dhcpcd"]["denyInterfaces"], serde_json::json!(["vmbr0", "eno1"]));
 
     // A well-set cluster node gets no warning.
     assert_eq!(warnings(&config), Vec::<String>::new());
@@ -602,6 +605,36 @@ fn stop_without_agent_after_is_checked_against_gitfronts_jobs() {
     }
     // Without gitfront here this node does not know the jobs' value.
     assert!(warned("{ enable = true; driver.stopWithoutAgentAfter = \"5m\"; }").is_empty());
+}
+
+#[test]
+fn bridge_uplinks_are_left_to_the_bridge() {
+    let node = "{ enable = true; bridge = { enable = true; interfaces = [ \"eno1\" \"eno2\" ]; dhcp = true; }; }";
+    let config = module_eval(node);
+    assert_eq!(config["networking"]["dhcpcd"]["denyInterfaces"], serde_json::json!(["vmbr0", "eno1", "eno2"]));
+    assert_eq!(config["systemd"]["network"]["networks"]["30-vmbr0-ports"]["matchConfig"]["Name"], "eno1 eno2");
+    assert_eq!(config["systemd"]["network"]["networks"]["40-vmbr0"]["networkConfig"]["DHCP"], "yes");
+    // An uplink the host also configures (e.g. hardware-configuration.nix's
+    // networking.interfaces.eno1.useDHCP) is named in a warning.
+    let iface =
+        |dhcp: &str, v4: &str| format!("{{ useDHCP = {dhcp}; ipv4.addresses = [ {v4} ]; ipv6.addresses = [ ]; }}");
+    let host = format!(
+        "{{ networking.interfaces = {{ eno1 = {}; eno2 = {}; eth9 = {}; }}; }}",
+        iface("true", ""),
+        iface("null", ""),
+        iface("null", "{ address = \"10.0.0.9\"; prefixLength = 24; }")
+    );
+    let w = warnings(&module_eval_host(node, &host));
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("eno1 is a port of vmbr0"), "{w:?}");
+    let host = format!(
+        "{{ networking.interfaces.eno2 = {}; }}",
+        iface("false", "{ address = \"10.0.0.2\"; prefixLength = 24; }")
+    );
+    let w = warnings(&module_eval_host(node, &host));
+    assert!(w.len() == 1 && w[0].contains("eno2 is a port of vmbr0"), "{w:?}");
+    // No bridge, no dhcpcd exceptions.
+    assert!(module_eval("{ enable = true; }")["networking"]["dhcpcd"].is_null());
 }
 
 #[test]
