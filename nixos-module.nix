@@ -288,6 +288,11 @@ let
   stopWithoutAgent = durationSeconds cfg.driver.stopWithoutAgentAfter;
   stopOnClient = durationSeconds cfg.gitfront.settings.job.stopOnClientAfter;
 
+  # NixOS mounts /run/keys root:keys 0750: secret files there are readable
+  # by the gitfront user only through the `keys` group.
+  secretsInRunKeys = builtins.any (p: p != null && lib.hasPrefix "/run/keys/" p)
+    [ cfg.cache.signingKeyFile cfg.gitfront.settings.nomad.tokenFile ];
+
   # Uplinks the host also configures itself: their addresses or DHCP leases
   # would land on a bridge port, where they do not work.
   configuredUplinks = builtins.filter
@@ -295,6 +300,8 @@ let
       let c = config.networking.interfaces.${i} or null; in
       c != null && (c.ipv4.addresses != [ ] || c.ipv6.addresses != [ ] || c.useDHCP == true))
     cfg.bridge.interfaces;
+
+  trustedUsers = config.nix.settings.trusted-users or [ ];
 in
 {
   options.services.nomad-microvm = {
@@ -628,6 +635,18 @@ in
     })
 
     (mkIf cfg.gitfront.enable {
+      # Pushed flakes are anyone's code: their derivations must build in the
+      # Nix sandbox (no network, nothing of the host but the build inputs).
+      assertions = [{
+        assertion = (config.nix.settings.sandbox or true) != false;
+        message = "services.nomad-microvm.gitfront: nix.settings.sandbox is false, so the derivations of pushed flakes would build outside the Nix sandbox, with the network and the host's files. Keep the sandbox on (NixOS's default).";
+      }];
+      warnings =
+        lib.optional ((config.nix.settings.sandbox or true) == "relaxed")
+          "services.nomad-microvm.gitfront: nix.settings.sandbox is \"relaxed\": a pushed flake's derivation with `__noChroot = true` builds outside the sandbox. Set it to true."
+        ++ lib.optional (builtins.any (u: builtins.elem u trustedUsers) [ cfg.gitfront.user "@${cfg.gitfront.user}" "*" ])
+          "services.nomad-microvm.gitfront: the gitfront user ${cfg.gitfront.user} is in nix.settings.trusted-users: trusted users may turn the sandbox off for their builds and are as good as root on this node. Remove it.";
+
       # What gitfront reads; no secret in it, only paths of secret files.
       environment.etc."gitfront.toml".source = toml.generate "gitfront.toml" (front.render cfg.gitfront.settings);
       environment.systemPackages = [ cfg.gitfront.package ];
@@ -641,6 +660,7 @@ in
         openssh.authorizedKeys.keys = lib.concatLists (lib.mapAttrsToList
           (name: tenant: map (authorizedKey name) tenant.sshKeys)
           cfg.gitfront.users);
+        extraGroups = lib.optional secretsInRunKeys "keys";
       };
       users.groups.${cfg.gitfront.user} = { };
 

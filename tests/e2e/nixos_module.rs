@@ -608,6 +608,25 @@ fn stop_without_agent_after_is_checked_against_gitfronts_jobs() {
 }
 
 #[test]
+fn gitfront_builds_stay_in_the_sandbox() {
+    let gitfront = "{ enable = true; gitfront.enable = true; }";
+    let failed = failed_assertions(&module_eval_host(gitfront, "{ nix.settings.sandbox = false; }"));
+    assert!(failed.iter().any(|m| m.contains("nix.settings.sandbox is false")), "{failed:?}");
+    // Only gitfront's node builds what tenants push.
+    assert!(failed_assertions(&module_eval_host("{ enable = true; }", "{ nix.settings.sandbox = false; }")).is_empty());
+    let w = warnings(&module_eval_host(gitfront, "{ nix.settings.sandbox = \"relaxed\"; }"));
+    assert!(w.iter().any(|m| m.contains("__noChroot")), "{w:?}");
+    for trusted in ["\"git\"", "\"@git\"", "\"*\""] {
+        let host = format!("{{ nix.settings.trusted-users = [ \"root\" {trusted} ]; }}");
+        let w = warnings(&module_eval_host(gitfront, &host));
+        assert!(w.iter().any(|m| m.contains("is in nix.settings.trusted-users")), "{trusted}: {w:?}");
+    }
+    assert!(
+        warnings(&module_eval_host(gitfront, "{ nix.settings.trusted-users = [ \"root\" \"@wheel\" ]; }")).is_empty()
+    );
+}
+
+#[test]
 fn bridge_uplinks_are_left_to_the_bridge() {
     let node = "{ enable = true; bridge = { enable = true; interfaces = [ \"eno1\" \"eno2\" ]; dhcp = true; }; }";
     let config = module_eval(node);
@@ -635,6 +654,28 @@ fn bridge_uplinks_are_left_to_the_bridge() {
     assert!(w.len() == 1 && w[0].contains("eno2 is a port of vmbr0"), "{w:?}");
     // No bridge, no dhcpcd exceptions.
     assert!(module_eval("{ enable = true; }")["networking"]["dhcpcd"].is_null());
+}
+
+#[test]
+fn secrets_in_run_keys_are_readable_by_the_gitfront_user() {
+    let git = |settings: &str| module_eval(settings)["users"]["users"]["git"]["extraGroups"].clone();
+    assert_eq!(git("{ enable = true; gitfront.enable = true; }"), serde_json::json!([]));
+    assert_eq!(
+        git(
+            "{ enable = true; gitfront.enable = true; cache = { path = \"/srv/c\"; signingKeyFile = \"/run/keys/c.sec\"; }; }"
+        ),
+        serde_json::json!(["keys"])
+    );
+    assert_eq!(
+        git("{ enable = true; gitfront = { enable = true; settings.nomad.tokenFile = \"/run/keys/token\"; }; }"),
+        serde_json::json!(["keys"])
+    );
+    assert_eq!(
+        git(
+            "{ enable = true; gitfront = { enable = true; settings.nomad.tokenFile = \"/var/lib/gitfront/token\"; }; }"
+        ),
+        serde_json::json!([])
+    );
 }
 
 #[test]
