@@ -54,9 +54,11 @@
 
       # The VM test: a NixOS host with the module (server, client, gitfront,
       # bridge, local binary cache) gets a flake pushed through gitfront over
-      # ssh and runs its microVM as a Nomad job. Needs KVM (nested: the
-      # microVM runs inside the test VM) and, to build, nixpkgs and
-      # microvm.nix from the network.
+      # ssh and runs its microVM as a Nomad job. Needs nested KVM: the
+      # microVM's qemu runs inside the test VM with microvm.nix's
+      # `-enable-kvm -cpu host` (no TCG fallback), so the machine running the
+      # check must allow nested virtualisation (kvm_intel/kvm_amd nested=1).
+      # To build it needs nixpkgs and microvm.nix from the network.
       vmTest = pkgs:
         let
           system = pkgs.stdenv.hostPlatform.system;
@@ -75,6 +77,11 @@
                 interfaces = [{ type = "tap"; id = "vm-testvm"; mac = "02:00:00:00:00:02"; }];
                 shares = [{ proto = "virtiofs"; tag = "ro-store"; source = "/nix/store"; mountPoint = "/nix/.ro-store"; }];
               };
+              # Its address on the host's bridge, from networkd (explicit:
+              # not left to microvm.nix's optimize defaults).
+              networking.useNetworkd = true;
+              networking.useDHCP = false;
+              systemd.network.enable = true;
               systemd.network.networks."10-lan" = {
                 matchConfig.MACAddress = "02:00:00:00:00:02";
                 address = [ "192.0.2.2/24" ];
@@ -88,13 +95,13 @@
               };
             }
           '';
-          # The pushed flake: nixpkgs and microvm.nix by store path (the test
-          # VM has no network), the guest evaluated the same way as below, so
+          # The pushed flake: github inputs like a tenant's (gitfront takes
+          # network schemes), the guest evaluated the same way as below, so
           # its runner is the one already in the test VM's store.
           guestFlake = ''
             {
-              inputs.nixpkgs = { url = "path:${nixpkgs}"; flake = false; };
-              inputs.microvm = { url = "path:${microvm}"; flake = false; };
+              inputs.nixpkgs = { url = "github:NixOS/nixpkgs/nixos-25.11"; flake = false; };
+              inputs.microvm = { url = "github:microvm-nix/microvm.nix"; flake = false; };
               outputs = { self, nixpkgs, microvm }: {
                 nixosConfigurations.testvm = import "''${nixpkgs}/nixos/lib/eval-config.nix" {
                   system = null;
@@ -103,6 +110,28 @@
               };
             }
           '';
+          # Its flake.lock, committed with it: the inputs locked to the very
+          # sources this flake has. A locked input whose tree is in the store
+          # (same narHash, same path) is taken from there, so the test VM,
+          # which has no network, never fetches them.
+          lockNode = src: original: {
+            flake = false;
+            locked = {
+              inherit (original) type owner repo;
+              rev = src.rev or (throw "checks.vm: the ${original.repo} input has no rev: use a github input");
+              inherit (src) narHash lastModified;
+            };
+            inherit original;
+          };
+          guestLock = builtins.toJSON {
+            nodes = {
+              nixpkgs = lockNode nixpkgs { type = "github"; owner = "NixOS"; repo = "nixpkgs"; ref = "nixos-25.11"; };
+              microvm = lockNode microvm { type = "github"; owner = "microvm-nix"; repo = "microvm.nix"; };
+              root.inputs = { nixpkgs = "nixpkgs"; microvm = "microvm"; };
+            };
+            root = "root";
+            version = 7;
+          };
           guest = import "${nixpkgs}/nixos/lib/eval-config.nix" {
             system = null;
             modules = [
@@ -114,6 +143,7 @@
           repo = pkgs.runCommand "testvm-repo" { } ''
             mkdir $out
             cp ${builtins.toFile "flake.nix" guestFlake} $out/flake.nix
+            cp ${builtins.toFile "flake.lock" guestLock} $out/flake.lock
             cp ${builtins.toFile "testvm.nix" guestModule} $out/testvm.nix
           '';
         in
@@ -125,7 +155,7 @@
               memorySize = 4096;
               cores = 2;
               diskSize = 8192;
-              # The guest's runner and what evaluating the pushed flake reads.
+              # The guest's runner, and the sources its locked inputs name.
               additionalPaths = [ guest.config.microvm.declaredRunner "${nixpkgs}" "${microvm}" repo ];
             };
             nix.settings = {
@@ -158,11 +188,26 @@
                 "nomad node status -self -json | jq -e '.Drivers.microvm.Healthy'", timeout=300
             )
 
-            # alice pushes her flake; the branch names the host.
+            # The guest's qemu needs KVM here (nested): say so now rather than
+            # after a push whose VM cannot start. udev loads kvm_intel or
+            # kvm_amd where the CPU offers it; the driver's self-test tells
+            # whether a guest really runs.
+            host.execute("modprobe kvm_intel || modprobe kvm_amd")
+            kvm = "nomad node status -self -json | jq -e '.Attributes.\"driver.microvm.kvm\" == \"true\"'"
+            try:
+                host.wait_until_succeeds(kvm, timeout=120)
+            except Exception:
+                health = host.succeed("nomad node status -self -json | jq -r .Drivers.microvm.HealthDescription")
+                raise Exception(
+                    "no usable KVM inside the test VM (run the check where nested virtualisation is on): "
+                    + health
+                )
+
+            # alice pushes her flake (with its lock); the branch names the host.
             host.succeed(
                 "install -D -m 600 ${keys.snakeOilPrivateKey} /root/.ssh/id_ecdsa",
                 "cp -r ${repo} /root/fleet && chmod -R u+w /root/fleet",
-                "cd /root/fleet && nix flake lock && git init -q -b main && git add -A"
+                "cd /root/fleet && git init -q -b main && git add -A"
                 + " && git -c user.name=alice -c user.email=alice@example.org commit -qm testvm",
             )
             host.wait_for_open_port(22)
