@@ -63,6 +63,8 @@
 #       };
 #     };
 #     systemd.network.networks."40-vmbr0".gateway = [ "10.0.0.254" ];
+#     # spread VMs over the nodes instead of packing them (first cluster start)
+#     services.nomad.settings.server.default_scheduler_config.scheduler_algorithm = "spread";
 #   };
 # in {
 #   nixosConfigurations = {
@@ -73,12 +75,56 @@
 # }
 # ```
 #
+# The signing key, made once on any machine with Nix: the secret half goes to
+# n1 only, the public half into `cache.publicKeys` of every node.
+#
+# ```sh
+# nix --extra-experimental-features nix-command key generate-secret --key-name cluster-cache-1 > cluster-cache.sec
+# nix --extra-experimental-features nix-command key convert-secret-to-public < cluster-cache.sec  # cluster-cache-1:…
+# # on n1 (/run/keys is root:keys 0750; the module puts the gitfront user in `keys`):
+# install -m 0440 -o root -g keys cluster-cache.sec /run/keys/cluster-cache.sec
+# ```
+#
+# `/run/keys` is a ramfs, empty after a reboot: put the file there with your
+# deployment's secret handling (NixOps keys, agenix or sops-nix with that
+# path), or keep it on disk, e.g. `/var/lib/gitfront/cluster-cache.sec` owned
+# by `git` with mode 0400.
+#
+# A VM whose node lost its Nomad agent while the machine keeps running shuts
+# down after `driver.stopWithoutAgentAfter` (here the default, 45s), before the
+# servers start its replacement elsewhere, which they do only after gitfront's
+# `job.stopOnClientAfter` (1m) and more (see "A cluster: VMs move, never twice").
+# Keep the first shorter than the second on every node; the module warns
+# where it is `0s` or, on a gitfront node, not shorter. An agent restart
+# (`nixos-rebuild switch`, `systemctl restart nomad`) takes seconds and leaves
+# the VMs running: the agent's unit keeps `KillMode=process`.
+#
 # Secrets are never options' values: options that need one take the path of
 # a file read at run time (`cache.signingKeyFile`, `gitfront.settings.nomad.tokenFile`),
 # refuse Nix path literals (which would copy the file into the store) and
-# store paths, and must be readable by the gitfront user. Nomad's own secrets
+# store paths, and must be readable by the gitfront user (under `/run/keys`
+# the module adds it to the `keys` group). Nomad's own secrets
 # (gossip key, ACL and TLS settings) go through `services.nomad.credentials`
 # or `services.nomad.extraSettingsPaths`.
+#
+# ### What else the module sets, and checks
+#
+# - On nodes that run VMs: `KillMode=process` on `nomad.service` (pinned: the
+#   VMs' supervisors live in its cgroup, so any other mode would kill them
+#   with the agent; an assertion refuses another value), hard limits
+#   `LimitNOFILE=65536:1048576` and `LimitMEMLOCK=infinity` (the driver raises
+#   the VMM's and virtiofsd's limits to microvm.nix's values; these let it
+#   without CAP_SYS_RESOURCE), and udev rules giving `/dev/kvm`,
+#   `/dev/vhost-net` and `/dev/vhost-vsock` to the `kvm` group, world-usable
+#   like `/dev/net/tun`, as systemd's own rules do on NixOS.
+# - With `bridge.enable`: the bridge and its uplinks are kept from dhcpcd
+#   (`networking.dhcpcd.denyInterfaces`, for NixOS's scripted networking), the
+#   uplinks' networkd file sorts before NixOS's own `40-<interface>`, and
+#   an uplink that `networking.interfaces` gives addresses or DHCP is named in
+#   a warning (those belong on the bridge: `bridge.addresses`, `bridge.dhcp`).
+# - With `gitfront.enable`: builds of pushed flakes must run in the Nix
+#   sandbox: an assertion refuses `nix.settings.sandbox = false`; `"relaxed"`
+#   and a gitfront user in `nix.settings.trusted-users` get warnings.
 #
 # ### Options (`services.nomad-microvm.*`)
 #
@@ -110,6 +156,7 @@
 # | `driver.allowedRunnerRoots` | `[ "/nix/store" ]` | `allowed_runner_roots` |
 # | `driver.allowedShareRoots` | `[ ]` | `allowed_share_roots` |
 # | `driver.fingerprintPeriod` | `"30s"` | `fingerprint_period` |
+# | `driver.stopWithoutAgentAfter` | `"45s"` (the driver's own default: `0s`, never) | `stop_without_agent_after`; keep it below the jobs' `stop_on_client_after` (gitfront's: `gitfront.settings.job.stopOnClientAfter`, 1m) |
 # | `bridge.enable` | `false` | a bridge for the VMs' taps (systemd-networkd), the driver's default bridge |
 # | `bridge.name` | `"vmbr0"` | its name |
 # | `bridge.interfaces` | `[ ]` | uplinks enslaved to it (their addresses move to the bridge) |
@@ -123,13 +170,15 @@
 # | `gitfront.package` | this flake's `gitfront` | |
 # | `gitfront.user` | `"git"` | the ssh user tenants push to (`git@host:repo`) |
 # | `gitfront.users.<name>.sshKeys` | `[ ]` | tenants and their keys; each key's forced command is `gitfront serve --user <name>` |
-# | `gitfront.settings.*` | gitfront's defaults | every key of `/etc/gitfront.toml`: `reposRoot`, `stateDir`, `binaryCache` (default: `cache.url`), `path` (default: git, tar, gzip, coreutils, nix), `nomad.{address, tokenFile, datacenters, namespace, requestTimeout, deployTimeout}`, `build.{command, evalCommand, copyCommand, timeout, logTailLines}`, `job.{cpuPerVcpu, memoryOverhead, killTimeout, stopOnClientAfter}`, `limits.{maxPushBytes, maxVcpu, maxMem}` |
+# | `gitfront.settings.*` | gitfront's defaults | every key of `/etc/gitfront.toml`: `reposRoot`, `stateDir`, `binaryCache` (default: `cache.url`), `path` (default: git, tar, gzip, coreutils, nix), `nomad.{address, tokenFile, datacenters, namespace, requestTimeout, deployTimeout}`, `build.{allowedInputSchemes, command, evalCommand, lockCommand, copyCommand, timeout, logTailLines}`, `job.{cpuPerVcpu, memoryOverhead, killTimeout, stopOnClientAfter}`, `limits.{maxPushBytes, maxVcpu, maxMem}` |
 #
 # `driver/plugin-config.nix` and `gitfront/config.nix` hold these option
 # tables (names, types, defaults) with builtins only; `tests/e2e/nixos_module.rs`
 # renders them and runs `nomad-driver-microvm check-config`,
 # `gitfront check-config` and a real Nomad agent on the result, so a key
-# added to a binary but not to the module fails the tests.
+# added to a binary but not to the module fails the tests. Where the module's
+# default differs from the binary's (`driver.virtiofsd`, `driver.nix`,
+# `driver.stopWithoutAgentAfter`), that test lists the difference.
 #
 # ### The flake
 #
@@ -138,11 +187,14 @@
 # packages; `nixosModules.nomad-microvm` is the module alone), `devShells.default`,
 # `formatter` (nixpkgs-fmt) and `checks`: both packages, the format check and
 # `vm`, a NixOS VM test that boots a host with the module, pushes a flake
-# through gitfront over ssh and waits for the microVM's Nomad allocation, its
-# console line in `nomad alloc logs` and a ping over the bridge. The VM test
-# needs KVM (the microVM runs nested inside the test VM) and network access
-# for nixpkgs and microvm.nix; no `flake.lock` is committed (it could not be
-# made offline): `nix flake lock` writes one.
+# (github inputs, locked to this flake's own nixpkgs and microvm.nix, which the
+# test VM finds in its store) through gitfront over ssh and waits for the
+# microVM's Nomad allocation, its console line in `nomad alloc logs` and a ping
+# over the bridge. The VM test needs nested KVM (microvm.nix's qemu runs with
+# `-enable-kvm` inside the test VM; the test stops early, with the driver's
+# KVM message, where there is none) and network access for nixpkgs and
+# microvm.nix; no `flake.lock` is committed (it could not be made offline):
+# `nix flake lock` writes one.
 
 { config, lib, pkgs, ... }:
 let
