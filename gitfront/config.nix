@@ -27,9 +27,15 @@ let
   # EVAL_FLAGS): what keeps a pushed flake from reading local files.
   evalFlags = [
     "--no-use-registries"
-    "--option" "accept-flake-config" "false"
-    "--option" "restrict-eval" "true"
-    "--option" "allowed-uris" "{allowed_uris}"
+    "--option"
+    "accept-flake-config"
+    "false"
+    "--option"
+    "restrict-eval"
+    "true"
+    "--option"
+    "allowed-uris"
+    "{allowed_uris}"
   ];
 
   # A leaf has `key` (its TOML name); any other attrset is a [section] whose
