@@ -191,6 +191,13 @@ fn gitfront_failed_build_rejects_only_that_ref() {
     // NIX_CONFIG no build could run, with this NOMAD_ADDR no job register.
     let bad = work.commit_flake(&[Host::new("gamma", 4).broken(), Host::new("delta", 5)], "break gamma, add delta");
     let hostile = [("NIX_CONFIG", "max-jobs = 0"), ("NOMAD_ADDR", "http://127.0.0.1:1")];
+    // Control: the same sshd hands both to a forced command (the probe
+    // key's is `env`), so what follows is gitfront ignoring them, not sshd
+    // dropping them.
+    let env = front.forced_command_env(&hostile);
+    assert_contains(&env, &["NIX_CONFIG=max-jobs = 0", "NOMAD_ADDR=http://127.0.0.1:1", "SSH_CONNECTION="]);
+    let unsent = front.forced_command_env(&[]);
+    assert!(!unsent.contains("NIX_CONFIG=") && !unsent.contains("NOMAD_ADDR="), "{unsent}");
     let out = work.push_sending_env(&["main:gamma", "main:delta"], &hostile);
     let log = stderr(&out);
     assert!(!out.status.success(), "the push must fail:\n{log}");
@@ -272,13 +279,21 @@ fn gitfront_refuses_and_creates_nothing() {
     refused("alice", Some("ls"), "refused: \"ls\" is not allowed");
     refused("alice", Some("ls -la /"), "refused: \"ls\" is not allowed");
     refused("alice", Some("bash -i"), "refused: \"bash\" is not allowed");
-    refused("alice", Some("scp -t /tmp/pwned"), "refused: \"scp\" is not allowed");
+    // Each command that would create a file names its own under the test's
+    // dir; none may exist afterwards.
+    let pwned = |n: u32| dir.path().join(format!("pwned-{n}"));
+    let p = |n: u32| pwned(n).display().to_string();
+    refused("alice", Some(&format!("scp -t {}", p(1))), "refused: \"scp\" is not allowed");
+    refused("alice", Some(&format!("touch {}", p(2))), "refused: \"touch\" is not allowed");
+    refused("alice", Some(&format!("git-upload-pack 'fleet'; touch {}", p(3))), "exactly one argument");
+    refused("alice", Some(&format!("git-upload-pack 'fleet' && touch {}", p(4))), "exactly one argument");
+    refused("alice", Some(&format!("git-upload-pack '$(touch {})'", p(5))), "bad repo name");
     refused("alice", Some("git-upload-pack '../bob/fleet'"), "bad repo name");
     refused("alice", Some("git-upload-pack 'bob/fleet'"), "contains '/'");
     refused("alice", Some(&format!("git-upload-pack '{}'", bob_repo.display())), "contains '/'");
     refused("alice", Some("git-receive-pack '../bob/fleet.git'"), "contains '..'");
-    refused("alice", Some("git-receive-pack 'fleet' --upload-pack=sh"), "exactly one argument");
-    refused("alice", Some("git-upload-pack '--upload-pack=touch /tmp/pwned'"), "bad repo name");
+    refused("alice", Some(&format!("git-receive-pack 'fleet' --upload-pack='touch {}'", p(6))), "exactly one argument");
+    refused("alice", Some(&format!("git-upload-pack '--upload-pack=touch {}'", p(7))), "bad repo name");
     refused("alice", Some("git-upload-pack 'fleet'"), "no repo fleet yet");
     refused("bob", Some("git-receive-pack 'a b'"), "contains a space");
 
@@ -294,6 +309,11 @@ fn gitfront_refuses_and_creates_nothing() {
     git_refused(&["clone", "root@127.0.0.1:~bob/fleet", "c2"], "contains '~'");
     git_refused(&["clone", &format!("root@127.0.0.1:{}", bob_repo.display()), "c3"], "contains '/'");
     git_refused(&["clone", "root@127.0.0.1:fleet", "c4"], "no repo fleet yet");
+    // The client's --upload-pack/--receive-pack become the remote command.
+    let upload = format!("--upload-pack=touch {}; git-upload-pack", p(8));
+    git_refused(&["clone", &upload, "root@127.0.0.1:fleet", "c5"], "\"touch\" is not allowed");
+    let upload = format!("--upload-pack=touch {}", p(9));
+    git_refused(&["clone", &upload, "root@127.0.0.1:fleet", "c6"], "\"touch\" is not allowed");
     let alice = front.workdir("alice", "alice", "fleet");
     alice.commit_flake(&[Host::new("eta", 8)], "alice's");
     let push_refused = |url: &str, reason: &str| {
@@ -323,11 +343,16 @@ fn gitfront_refuses_and_creates_nothing() {
             .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes", "-i"])
             .arg(key)
             .arg(&file)
-            .arg("root@127.0.0.1:/tmp/gitfront-scp-pwned");
+            .arg(format!("root@127.0.0.1:{}", p(10 + legacy as u32)));
         let out = cmd.output().unwrap();
         assert!(!out.status.success(), "scp (legacy: {legacy}) was allowed");
     }
-    assert!(!Path::new("/tmp/gitfront-scp-pwned").exists());
+    let receive = format!("--receive-pack=touch {}; git-receive-pack", p(12));
+    let out = alice.git(&["push", &receive, "root@127.0.0.1:fleet", "main:eta"]);
+    assert!(!out.status.success() && stderr(&out).contains("\"touch\" is not allowed"), "{}", stderr(&out));
+    for n in 1..=12 {
+        assert!(!pwned(n).exists(), "{} was created", pwned(n).display());
+    }
 
     // Nothing was created: no repo, no scratch dir, bob's repo unchanged.
     let work_dirs = |t: Vec<String>| t.into_iter().filter(|p| !p.starts_with("work")).collect::<Vec<_>>();
@@ -406,4 +431,294 @@ fn gitfront_nomad_down_rejects_the_push_and_registers_nothing() {
     assert!(st.status.success(), "{}", stderr(&st));
     assert_contains(&text(&st.stdout), &["solo/epsilon: ", "version 0", &first[..8]]);
     assert!(!text(&st.stdout).contains("zeta"), "{}", text(&st.stdout));
+}
+
+/// One branch of a hostile push: (host, files, symlinks, what the
+/// rejection says).
+type Attack<'a> = (&'a str, Vec<(&'a str, String)>, Vec<(&'a str, &'a str)>, Vec<String>);
+
+/// A random token, so that finding it anywhere means it was copied.
+fn random_token(tag: &str) -> String {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut bytes).unwrap();
+    format!("{tag}-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn store_paths() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/nix/store").unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+}
+
+/// The store paths added since `before` that hold one of `needles` in a
+/// file (symlinks are not followed: a link to a secret is not its content).
+fn paths_holding(before: &std::collections::BTreeSet<String>, needles: &[&str]) -> Vec<String> {
+    fn holds(p: &Path, needles: &[&str]) -> bool {
+        let Ok(m) = std::fs::symlink_metadata(p) else { return false };
+        if m.is_dir() {
+            let entries = std::fs::read_dir(p).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
+            return entries.iter().any(|e| holds(&e.path(), needles));
+        }
+        if !m.is_file() {
+            return false;
+        }
+        let data = std::fs::read(p).unwrap_or_default();
+        needles.iter().any(|n| data.windows(n.len()).any(|w| w == n.as_bytes()))
+    }
+    store_paths()
+        .difference(before)
+        .filter(|name| holds(&Path::new("/nix/store").join(name), needles))
+        .cloned()
+        .collect()
+}
+
+/// A pushed flake runs as the gitfront account, which can read the Nomad
+/// token and every user's repo; nothing of either may reach the store
+/// (where the pusher's VM could get it) or the push output. Each branch
+/// tries one way; each is refused with the reason, nothing is registered.
+#[test]
+fn gitfront_flakes_cannot_read_local_files() {
+    if !require_root("gitfront_flakes_cannot_read_local_files") {
+        return;
+    }
+    let front_dir = open_tempdir();
+    let dir = front_dir.path();
+    let w = world("gfread", true, dir);
+    let front = Front::start(w.netns.clone(), dir, NOMAD);
+
+    // The Nomad token gitfront uses, and a tarball of it.
+    let token = random_token("NOMAD-TOKEN");
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    let token_file = secrets.join("nomad-token");
+    std::fs::write(&token_file, &token).unwrap();
+    let tar = dir.join("token.tar.gz");
+    let out =
+        std::process::Command::new("tar").arg("-czf").arg(&tar).arg("-C").arg(&secrets).arg(".").output().unwrap();
+    assert!(out.status.success());
+    let config = std::fs::read_to_string(&front.config).unwrap();
+    let config = config.replace("[nomad]\n", &format!("[nomad]\ntoken_file = \"{}\"\n", token_file.display()));
+    std::fs::write(&front.config, config).unwrap();
+
+    // bob's repo, with something only bob should see.
+    let bob_mark = random_token("BOB-PRIVATE");
+    let bob_repo = front.repo_dir("bob", "fleet");
+    std::fs::create_dir_all(bob_repo.parent().unwrap()).unwrap();
+    let init = std::process::Command::new("git").args(["init", "-q", "--bare"]).arg(&bob_repo).output().unwrap();
+    assert!(init.status.success());
+    let bob = front.workdir("bob", "bob", "fleet");
+    let bob_commit = bob.commit_tree(
+        &[("flake.nix", microvm_e2e::gitfront::flake_nix(&[Host::new("zeta", 9)])), ("notes", bob_mark.clone())],
+        &[],
+        "bob's",
+    );
+    bob.git_ok(&["push", "-q", bob_repo.to_str().unwrap(), "main:zeta"]);
+
+    let token_path = token_file.display().to_string();
+    let bob_path = bob_repo.display().to_string();
+    let tar_path = tar.display().to_string();
+    let fake_hash = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let host = |name: &str, ip: u8| Host::new(name, ip);
+    let flake = |h: Host, inputs: &str| microvm_e2e::gitfront::flake_nix_with(&[h], inputs);
+    let lock_with_token = serde_json::json!({
+        "nodes": {
+            "root": { "inputs": { "leak": "leak" } },
+            "leak": {
+                "flake": false,
+                "locked": { "type": "path", "path": token_path, "narHash": fake_hash, "lastModified": 1 },
+                "original": { "type": "path", "path": token_path }
+            }
+        },
+        "root": "root",
+        "version": 7
+    });
+    let attacks: Vec<Attack> = vec![
+        (
+            "pathinput",
+            vec![(
+                "flake.nix",
+                flake(
+                    host("pathinput", 20).env("LEAK", "builtins.readFile inputs.leak"),
+                    &format!("leak = {{ url = \"path:{token_path}\"; flake = false; }};"),
+                ),
+            )],
+            vec![],
+            vec![format!(
+                "REJECTED refs/heads/pathinput: flake.nix: input leak (path:{token_path}) reads local files; \
+                 pushed flakes may only fetch inputs over the network"
+            )],
+        ),
+        (
+            "bobinput",
+            vec![(
+                "flake.nix",
+                flake(
+                    host("bobinput", 21).env("LEAK", "builtins.readFile \"${inputs.bob}/notes\""),
+                    &format!("bob = {{ url = \"git+file://{bob_path}?ref=zeta\"; flake = false; }};"),
+                ),
+            )],
+            vec![],
+            vec![format!("REJECTED refs/heads/bobinput: flake.nix: input bob (git+file://{bob_path}) reads local files")],
+        ),
+        (
+            "lockedpath",
+            vec![
+                (
+                    "flake.nix",
+                    flake(
+                        host("lockedpath", 22).env("LEAK", "builtins.readFile inputs.leak"),
+                        &format!("leak = {{ url = \"path:{token_path}\"; flake = false; }};"),
+                    ),
+                ),
+                ("flake.lock", lock_with_token.to_string()),
+            ],
+            vec![],
+            vec![format!("REJECTED refs/heads/lockedpath: flake.lock: input leak (path:{token_path}) reads local files")],
+        ),
+        (
+            "locklink",
+            vec![("flake.nix", flake(host("locklink", 23), ""))],
+            vec![("flake.lock", token_path.as_str())],
+            vec!["REJECTED refs/heads/locklink: flake.lock is a symlink; it must be a file of the commit".into()],
+        ),
+        (
+            "fetchgit",
+            vec![(
+                "flake.nix",
+                flake(
+                    host("fetchgit", 24).env(
+                        "LEAK",
+                        &format!(
+                            "builtins.readFile \"${{builtins.fetchGit {{ url = \"file://{bob_path}\"; rev = \"{bob_commit}\"; }}}}/notes\""
+                        ),
+                    ),
+                    "",
+                ),
+            )],
+            vec![],
+            vec![
+                "REJECTED refs/heads/fetchgit: building nixosConfigurations.fetchgit.config.microvm.declaredRunner failed"
+                    .into(),
+                format!("access to absolute path '{bob_path}' is forbidden"),
+            ],
+        ),
+        (
+            "fetchtarball",
+            vec![(
+                "flake.nix",
+                flake(
+                    host("fetchtarball", 25).env(
+                        "LEAK",
+                        &format!(
+                            "builtins.readFile \"${{builtins.fetchTarball {{ url = \"file://{tar_path}\"; sha256 = \"{fake_hash}\"; }}}}/nomad-token\""
+                        ),
+                    ),
+                    "",
+                ),
+            )],
+            vec![],
+            vec![
+                "REJECTED refs/heads/fetchtarball: building nixosConfigurations.fetchtarball.config.microvm.declaredRunner failed"
+                    .into(),
+                format!("access to absolute path '{tar_path}' is forbidden"),
+            ],
+        ),
+        (
+            // With a wrong hash, plain pure evaluation would download the
+            // file into the store and print its hash; nixConfig asks to
+            // lift the restriction.
+            "fetchurl",
+            vec![(
+                "flake.nix",
+                flake(
+                    host("fetchurl", 26).env(
+                        "LEAK",
+                        &format!(
+                            "builtins.readFile (builtins.fetchurl {{ url = \"file://{token_path}\"; sha256 = \"{fake_hash}\"; }})"
+                        ),
+                    ),
+                    "",
+                )
+                .replacen(
+                    "outputs =",
+                    "nixConfig = { restrict-eval = false; allowed-uris = \"file://\"; };\n  outputs =",
+                    1,
+                ),
+            )],
+            vec![],
+            vec![
+                "ignoring untrusted flake configuration setting 'restrict-eval'".into(),
+                format!("access to absolute path '{token_path}' is forbidden"),
+                "REJECTED refs/heads/fetchurl: building nixosConfigurations.fetchurl.config.microvm.declaredRunner failed"
+                    .into(),
+            ],
+        ),
+        (
+            "readlink",
+            vec![("flake.nix", flake(host("readlink", 27).env("LEAK", "builtins.readFile ./leak"), ""))],
+            vec![("leak", token_path.as_str())],
+            vec![
+                "REJECTED refs/heads/readlink: building nixosConfigurations.readlink.config.microvm.declaredRunner failed"
+                    .into(),
+                format!("access to canonical path '{token_path}' is forbidden in restricted mode"),
+            ],
+        ),
+    ];
+
+    let work = front.workdir("alice", "evil", "evil");
+    let mut refspecs = Vec::new();
+    let mut commits = Vec::new();
+    for (name, files, links, _) in &attacks {
+        let commit = work.commit_tree(files, links, name);
+        refspecs.push(format!("{commit}:refs/heads/{name}"));
+        commits.push((name.to_string(), commit));
+    }
+    let before = store_paths();
+    let refspecs: Vec<&str> = refspecs.iter().map(String::as_str).collect();
+    let out = work.push(&refspecs);
+    let log = stderr(&out);
+    assert!(!out.status.success(), "the push must fail:\n{log}");
+    for (name, _, _, reasons) in &attacks {
+        let reasons: Vec<&str> = reasons.iter().map(String::as_str).collect();
+        assert_contains(&log, &reasons);
+        assert!(!log.contains(&format!("[{name}] registered job")), "{name} was registered:\n{log}");
+        assert_eq!(front.branch_commit("alice", "evil", name), None, "{name} moved");
+    }
+    assert!(!log.contains(&token) && !log.contains(&bob_mark), "a secret is in the push output:\n{log}");
+    let jobs = w.agent.api("/v1/jobs?namespace=*");
+    let ours: Vec<_> = jobs.as_array().unwrap().iter().filter(|j| j["Namespace"] == "alice-evil").collect();
+    assert!(ours.is_empty(), "jobs registered: {ours:?}");
+    let leaked = paths_holding(&before, &[&token, &bob_mark]);
+    assert!(leaked.is_empty(), "the store got a secret: {leaked:?}");
+
+    // Control: the same `pathinput` flake, evaluated as gitfront did before
+    // (pure evaluation, the flake's own inputs), does copy the token into
+    // the store, and the scan above finds it.
+    let (_, commit) = commits.iter().find(|(n, _)| n == "pathinput").unwrap();
+    let checkout = dir.join("control");
+    std::fs::create_dir_all(&checkout).unwrap();
+    let archive = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("git --git-dir {}/.git archive {commit} | tar -x -C {}", work.dir.display(), checkout.display()))
+        .output()
+        .unwrap();
+    assert!(archive.status.success(), "{}", stderr(&archive));
+    let before = store_paths();
+    let eval = std::process::Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command flakes", "eval", "--raw"])
+        .arg(format!("path:{}#nixosConfigurations.pathinput.config.microvm.declaredRunner.LEAK", checkout.display()))
+        .output()
+        .unwrap();
+    assert_eq!(text(&eval.stdout), token, "the control evaluation reads the token: {}", stderr(&eval));
+    let leaked = paths_holding(&before, &[&token]);
+    assert!(!leaked.is_empty(), "the scan does not see what the control copied");
+    for p in &leaked {
+        let del =
+            std::process::Command::new("nix-store").arg("--delete").arg(format!("/nix/store/{p}")).output().unwrap();
+        assert!(del.status.success(), "nix-store --delete {p}: {}", stderr(&del));
+    }
+
+    // A branch of the same repo with an ordinary input-less flake still deploys.
+    let good = work.commit_tree(&[("flake.nix", microvm_e2e::gitfront::flake_nix(&[host("fine", 28)]))], &[], "fine");
+    let out = work.push(&[&format!("{good}:refs/heads/fine")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    nomad::wait_running(&w.agent, "alice-evil", "fine", 0, BOOT);
 }

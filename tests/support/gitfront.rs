@@ -107,6 +107,9 @@ pub struct Front {
     pub config: PathBuf,
     pub alice: Key,
     pub bob: Key,
+    /// A key whose forced command is `env`: shows what environment this
+    /// sshd gives forced commands (gitfront's among them).
+    pub probe: Key,
     _sshd: Group,
 }
 
@@ -120,6 +123,7 @@ impl Front {
         std::fs::create_dir_all(&keys).expect("keys dir");
         let alice = Key::new(&keys, "alice");
         let bob = Key::new(&keys, "bob");
+        let probe = Key::new(&keys, "probe");
         let mut authorized = String::new();
         for (user, key) in [("alice", &alice), ("bob", &bob)] {
             let line = run_ok(
@@ -133,6 +137,9 @@ impl Front {
             authorized += &line;
             authorized.push('\n');
         }
+        let probe_key = std::fs::read_to_string(&probe.public).expect("probe key");
+        authorized += &format!("command=\"env\",restrict {}", probe_key.trim());
+        authorized.push('\n');
         let authorized_keys = dir.join("authorized_keys");
         std::fs::write(&authorized_keys, authorized).expect("authorized_keys");
 
@@ -171,13 +178,14 @@ impl Front {
             let l = std::fs::read_to_string(&log).unwrap_or_default();
             if l.contains(&format!("Server listening on 127.0.0.1 port {SSH_PORT}")) { Ok(()) } else { Err(l) }
         });
-        Front { netns, dir: dir.to_path_buf(), config, alice, bob, _sshd: sshd }
+        Front { netns, dir: dir.to_path_buf(), config, alice, bob, probe, _sshd: sshd }
     }
 
     pub fn key(&self, user: &str) -> &Key {
         match user {
             "alice" => &self.alice,
             "bob" => &self.bob,
+            "probe" => &self.probe,
             other => panic!("no key for {other}"),
         }
     }
@@ -196,6 +204,24 @@ impl Front {
         let remote = command.map(|c| format!(" {}", shell_quote(c))).unwrap_or_default();
         cmd.args(["-c", &format!("{} root@127.0.0.1{remote} </dev/null", self.ssh_command(user))]);
         cmd.output().expect("run ssh")
+    }
+
+    /// The environment this sshd gives a forced command when the client
+    /// sends `env` (`SendEnv`): the probe key's forced command prints it.
+    pub fn forced_command_env(&self, env: &[(&str, &str)]) -> String {
+        let mut ssh = self.ssh_command("probe");
+        for (name, _) in env {
+            ssh += &format!(" -o SendEnv={name}");
+        }
+        let out = self
+            .netns
+            .command("sh")
+            .args(["-c", &format!("{ssh} root@127.0.0.1 </dev/null")])
+            .envs(env.iter().copied())
+            .output()
+            .expect("run ssh");
+        assert!(out.status.success(), "probe: {}", text(&out.stderr));
+        text(&out.stdout)
     }
 
     /// `git <args>` in `cwd` as `user`, inside the namespace.
@@ -283,6 +309,21 @@ impl Workdir<'_> {
         self.git_ok(&["rev-parse", "HEAD"])
     }
 
+    /// Makes the work tree exactly `files` (path, content) and `symlinks`
+    /// (path, target), commits it and returns the commit.
+    pub fn commit_tree(&self, files: &[(&str, String)], symlinks: &[(&str, &str)], message: &str) -> String {
+        self.git_ok(&["rm", "-rq", "--ignore-unmatch", "."]);
+        for (path, content) in files {
+            std::fs::write(self.dir.join(path), content).expect("write file");
+        }
+        for (path, target) in symlinks {
+            std::os::unix::fs::symlink(target, self.dir.join(path)).expect("symlink");
+        }
+        self.git_ok(&["add", "-A", "."]);
+        self.git_ok(&["commit", "-q", "--allow-empty", "-m", message]);
+        self.git_ok(&["rev-parse", "HEAD"])
+    }
+
     /// `git push origin <refspecs>`; returns the output (not checked).
     pub fn push(&self, refspecs: &[&str]) -> Output {
         self.push_sending_env(refspecs, &[])
@@ -312,11 +353,13 @@ pub struct Host {
     pub mem: u32,
     /// A build that fails with "deliberate build failure".
     pub broken: bool,
+    /// Extra attributes of the runner derivation: (name, Nix expression).
+    pub env: Vec<(String, String)>,
 }
 
 impl Host {
     pub fn new(name: &str, ip: u8) -> Host {
-        Host { name: name.into(), ip, mem: 256, broken: false }
+        Host { name: name.into(), ip, mem: 256, broken: false, env: Vec::new() }
     }
 
     pub fn mem(mut self, mem: u32) -> Host {
@@ -326,6 +369,13 @@ impl Host {
 
     pub fn broken(mut self) -> Host {
         self.broken = true;
+        self
+    }
+
+    /// Adds `name = <expr>;` to the runner derivation (the expression may
+    /// use the flake's `inputs` and `self`).
+    pub fn env(mut self, name: &str, expr: &str) -> Host {
+        self.env.push((name.into(), expr.into()));
         self
     }
 }
@@ -370,6 +420,12 @@ fn inputs() -> &'static Inputs {
 /// runner's closure holds the kernel, initrd and virtiofsd it boots with —
 /// what `nix copy` puts into the binary cache.
 pub fn flake_nix(hosts: &[Host]) -> String {
+    flake_nix_with(hosts, "")
+}
+
+/// [`flake_nix`] with `inputs` (Nix attributes, e.g. `x.url = "…";`) and
+/// `outputs` taking them as `inputs`.
+pub fn flake_nix_with(hosts: &[Host], inputs_nix: &str) -> String {
     let i = inputs();
     let mut configs = String::new();
     for h in hosts {
@@ -380,7 +436,8 @@ pub fn flake_nix(hosts: &[Host]) -> String {
                 name = h.name
             )
         } else {
-            format!("runner {{ host = \"{}\"; ip = {}; mem = {}; }}", h.name, h.ip, h.mem)
+            let extra: String = h.env.iter().map(|(n, e)| format!("{n} = {e}; ")).collect();
+            format!("runner {{ host = \"{}\"; ip = {}; mem = {}; extra = {{ {extra}}}; }}", h.name, h.ip, h.mem)
         };
         configs += &format!(
             "      {name}.config.microvm = {{\n        declaredRunner = {runner};\n        vcpu = 1;\n        mem = {mem};\n      }};\n",
@@ -390,15 +447,15 @@ pub fn flake_nix(hosts: &[Host]) -> String {
     }
     format!(
         r#"{{
-  description = "gitfront e2e test flake (no inputs)";
-  outputs = {{ self }}:
+  description = "gitfront e2e test flake";
+  {inputs_line}outputs = {{ self, ... }}@inputs:
     let
       store = p: builtins.appendContext p {{ ${{p}} = {{ path = true; }}; }};
       script = store "{script}";
       kernel = store "{kernel}";
       initrd = store "{initrd}";
       virtiofsd = store "{virtiofsd}";
-      runner = {{ host, ip, mem }}: derivation {{
+      runner = {{ host, ip, mem, extra }}: derivation ({{
         name = "microvm-qemu-${{host}}";
         system = "x86_64-linux";
         builder = "/bin/bash";
@@ -407,13 +464,14 @@ pub fn flake_nix(hosts: &[Host]) -> String {
           "--guest-ip" "192.0.2.${{toString ip}}/24" "--ping" "192.0.2.1" "--mem" (toString mem)
           "--kernel" kernel "--initrd" initrd "--virtiofsd" virtiofsd
           "--emit-to" (builtins.placeholder "out") ];
-      }};
+      }} // extra);
     in {{
       nixosConfigurations = {{
 {configs}      }};
     }};
 }}
 "#,
+        inputs_line = if inputs_nix.is_empty() { String::new() } else { format!("inputs = {{ {inputs_nix} }};\n  ") },
         script = i.script,
         kernel = i.kernel,
         initrd = i.initrd,
