@@ -19,6 +19,7 @@ pub mod service;
 pub mod supervisor;
 pub mod supervisord;
 pub mod task;
+pub mod vsock;
 
 /// The name jobspecs use: `driver = "microvm"`.
 pub const DRIVER_NAME: &str = "microvm";

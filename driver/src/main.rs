@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use microvm_driver::plugin::{goplugin::ShutdownSignal, handshake, hclog, server};
-use microvm_driver::{config, fingerprint, net::LinuxNet, service, supervisor, task::Tasks};
+use microvm_driver::{config, fingerprint, net::LinuxNet, service, supervisor, task::Tasks, vsock};
 
 const USAGE: &str = "\
 nomad-driver-microvm: a Nomad task driver for microvm.nix runners
@@ -17,6 +17,8 @@ Usage:
   nomad-driver-microvm supervise SPEC       run one task's supervisor (the plugin starts it)
   nomad-driver-microvm config-keys          list the plugin config keys, one per line
   nomad-driver-microvm probe-kvm            run a trivial KVM guest and say whether it halted
+  nomad-driver-microvm vsock-proxy (--cid CID | --mux SOCKET) PORT
+                                            connect to a guest's vsock port, relay stdin/stdout (ssh's ProxyCommand)
   nomad-driver-microvm --version
 ";
 
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
             println!("{}", fingerprint::format_probe_output(&fingerprint::kvm_selftest()));
             ExitCode::SUCCESS
         }
+        ["vsock-proxy", rest @ ..] => vsock_proxy(rest),
         ["--version" | "version"] => {
             println!("nomad-driver-microvm {}", microvm_driver::VERSION);
             ExitCode::SUCCESS
@@ -110,6 +113,19 @@ fn check_config(file: &str) -> ExitCode {
         }
         Err(e) => {
             eprintln!("nomad-driver-microvm: {file}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// ssh's ProxyCommand for `nomad alloc exec` (see `microvm_driver::vsock`).
+fn vsock_proxy(args: &[&str]) -> ExitCode {
+    use microvm_driver::vsock::GuestAddress;
+    let result = GuestAddress::from_proxy_args(args).and_then(|(address, port)| vsock::proxy(&address, port));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nomad-driver-microvm: {}", service::status::chain(&e));
             ExitCode::from(1)
         }
     }

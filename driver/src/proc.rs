@@ -93,6 +93,24 @@ impl ProcessId {
         }
     }
 
+    /// The live children of this process (of any of its threads), from
+    /// /proc/<pid>/task/<tid>/children.
+    pub fn children(&self) -> Vec<ProcessId> {
+        if !self.is_alive() {
+            return Vec::new();
+        }
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else { return Vec::new() };
+        let mut kids: Vec<ProcessId> = threads
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|text| text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()).collect::<Vec<_>>())
+            .filter_map(ProcessId::of)
+            .collect();
+        kids.sort_by_key(|k| k.pid);
+        kids.dedup();
+        kids
+    }
+
     async fn poll_exit(&self) {
         while self.is_alive() {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -148,6 +166,18 @@ mod tests {
         assert!(me.is_alive());
         let other = ProcessId { start_time: me.start_time + 1, ..me };
         assert!(!other.is_alive(), "a different start time is a different process");
+    }
+
+    #[test]
+    fn children_are_listed() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let me = ProcessId::of(std::process::id() as i32).unwrap();
+        let kid = ProcessId::of(child.id() as i32).unwrap();
+        assert!(me.children().contains(&kid));
+        assert!(kid.children().is_empty());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!me.children().contains(&kid));
     }
 
     #[tokio::test]

@@ -33,8 +33,8 @@ fn exit_result(r: &ExitResult) -> pb::ExitResult {
     pb::ExitResult { exit_code: r.exit_code, signal: r.signal, oom_killed: r.oom_killed }
 }
 
-/// What we honestly support: signals; `alloc exec` (the console, and
-/// commands over vsock where the guest allows); the VM is its own filesystem
+/// What we honestly support: signals; `alloc exec` and ExecTask (the
+/// console, and commands over vsock where the guest allows); the VM is its own filesystem
 /// image; host networking only (taps live in the host netns); no Nomad volume
 /// mounts (a VM cannot bind-mount them).
 pub fn capabilities() -> pb::DriverCapabilities {
@@ -282,8 +282,10 @@ impl Driver for DriverService {
         Ok(Response::new(pb::SignalTaskResponse {}))
     }
 
-    async fn exec_task(&self, _: Request<pb::ExecTaskRequest>) -> Result<Response<pb::ExecTaskResponse>, Status> {
-        Err(Status::unimplemented("exec into a microVM is not supported yet"))
+    async fn exec_task(&self, request: Request<pb::ExecTaskRequest>) -> Result<Response<pb::ExecTaskResponse>, Status> {
+        let r = request.into_inner();
+        let timeout = r.timeout.and_then(|d| Duration::try_from(d).ok()).unwrap_or_default();
+        Ok(Response::new(super::exec::run_once(&self.plugin.tasks, &r.task_id, &r.command, timeout).await))
     }
 
     type ExecTaskStreamingStream = BoxStream<pb::ExecTaskStreamingResponse>;
@@ -299,7 +301,7 @@ impl Driver for DriverService {
             .and_then(|m| m.setup)
             .ok_or_else(|| Status::invalid_argument("the first exec message must be the setup"))?;
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(super::exec::run(self.plugin.tasks.clone(), setup.task_id, setup.command, inbound, tx));
+        tokio::spawn(super::exec::run(self.plugin.tasks.clone(), setup.task_id, setup.command, setup.tty, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

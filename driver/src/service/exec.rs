@@ -1,22 +1,26 @@
-//! `nomad alloc exec` for microVMs.
+//! `nomad alloc exec` for microVMs, and ExecTask (script checks).
 //!
 //! - `nomad alloc exec -i -t <alloc> console` attaches to the serial
 //!   console: typing goes to the guest, output comes back, and `nomad alloc
 //!   logs` keeps receiving it. Leaving the session leaves the VM running.
-//! - any other command runs in the guest over vsock with ssh, like
-//!   microvm.nix's `microvm -s`, when the runner has a vsock CID; otherwise
-//!   the session says what the guest must enable.
+//! - any other command runs in the guest with ssh over vsock, like
+//!   microvm.nix's `microvm -s` (see `crate::vsock`), when the runner gives
+//!   the guest vsock; otherwise the session says what the guest must enable.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use microvm_proto::drivers::{
-    ExecTaskStreamingIoOperation as IoOp, ExecTaskStreamingRequest, ExecTaskStreamingResponse, ExitResult,
+    ExecTaskResponse, ExecTaskStreamingIoOperation as IoOp, ExecTaskStreamingRequest, ExecTaskStreamingResponse,
+    ExitResult,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::task::Tasks;
+use crate::vsock::{GuestAddress, SSH_PORT};
 
 type Out = mpsc::Sender<Result<ExecTaskStreamingResponse, Status>>;
 
@@ -53,11 +57,20 @@ async fn refuse(out: &Out, message: &str, exit_code: i32) {
     finish(out, exit_code).await;
 }
 
-/// Runs one exec session; `first` was the setup message.
+/// What the session says when the guest has no vsock.
+pub const NO_WAY_IN: &str = "this VM has no way in for commands: `nomad alloc exec` runs them with ssh over vsock \
+     (like `microvm -s`), so the guest needs microvm.vsock.cid set and sshd listening on vsock \
+     (microvm.vsock.ssh.enable). The serial console always works: nomad alloc exec -i -t <alloc> console";
+
+/// The exit code of a command that could not be run (as a shell says it).
+const CANNOT_RUN: i32 = 126;
+
+/// Runs one exec session; the setup message asked for `command`.
 pub async fn run(
     tasks: Arc<Tasks>,
     task_id: String,
     command: Vec<String>,
+    tty: bool,
     inbound: Streaming<ExecTaskStreamingRequest>,
     out: Out,
 ) {
@@ -72,19 +85,43 @@ pub async fn run(
         }
         return;
     }
-    match tasks.vsock_cid(&task_id) {
-        Ok(Some(cid)) => guest_command(cid, &command, inbound, &out).await,
-        Ok(None) => {
-            refuse(
-                &out,
-                "this VM has no way in for commands: `nomad alloc exec` runs them over vsock with ssh (like \
-                 `microvm -s`), so the guest needs microvm.vsock.cid set and sshd listening on vsock \
-                 (microvm.vsock.ssh.enable). The serial console always works: nomad alloc exec -i -t <alloc> console",
-                126,
-            )
-            .await
-        }
+    match tasks.guest_address(&task_id) {
+        Ok(Some(address)) => guest_command(tasks.self_exe(), &address, &command, tty, inbound, &out).await,
+        Ok(None) => refuse(&out, NO_WAY_IN, CANNOT_RUN).await,
         Err(e) => refuse(&out, &crate::service::status::chain(&e), 1).await,
+    }
+}
+
+/// ExecTask: runs `command` in the guest to its end (or `timeout`) and
+/// returns its output, for script checks. Without vsock it answers like a
+/// session does: exit code 126 and what the guest must enable.
+pub async fn run_once(tasks: &Tasks, task_id: &str, command: &[String], timeout: Duration) -> ExecTaskResponse {
+    let answer = |code: i32, stderr: String| ExecTaskResponse {
+        stdout: Vec::new(),
+        stderr: format!("{stderr}\n").into_bytes(),
+        result: Some(ExitResult { exit_code: code, signal: 0, oom_killed: false }),
+    };
+    let address = match tasks.guest_address(task_id) {
+        Ok(Some(a)) => a,
+        Ok(None) => return answer(CANNOT_RUN, NO_WAY_IN.to_string()),
+        Err(e) => return answer(1, crate::service::status::chain(&e)),
+    };
+    let mut ssh = ssh(tasks.self_exe(), &address, command, false);
+    ssh.stdin(std::process::Stdio::null());
+    let limit = if timeout.is_zero() { Duration::from_secs(60) } else { timeout };
+    match tokio::time::timeout(limit, ssh.output()).await {
+        Ok(Ok(output)) => ExecTaskResponse {
+            stdout: output.stdout,
+            stderr: output.stderr,
+            result: Some(ExitResult {
+                exit_code: output.status.code().unwrap_or(CANNOT_RUN),
+                signal: 0,
+                oom_killed: false,
+            }),
+        },
+        Ok(Err(e)) => answer(CANNOT_RUN, format!("cannot run ssh for {}: {e}", address.describe())),
+        // kill_on_drop ends ssh; 124 is what timeout(1) exits with.
+        Err(_) => answer(124, format!("the command did not finish within {}s", limit.as_secs_f64())),
     }
 }
 
@@ -127,26 +164,54 @@ async fn relay(
     typing.abort();
 }
 
-/// `ssh` to the guest over vsock (socat's VSOCK-CONNECT as the proxy).
-async fn guest_command(cid: u32, command: &[String], inbound: Streaming<ExecTaskStreamingRequest>, out: &Out) {
-    let proxy = format!("ProxyCommand=socat - VSOCK-CONNECT:{cid}:22");
-    let child = tokio::process::Command::new("ssh")
-        .args(["-o", &proxy, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", &format!("root@vsock-{cid}"), "--"])
-        .args(command)
+/// `'text'` for sh, which runs ssh's ProxyCommand.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// `ssh root@<guest> -- <command>` through `nomad-driver-microvm vsock-proxy`.
+/// The guest's host key is not known ahead (it is made at its first boot);
+/// the vsock address itself is what identifies the guest.
+fn ssh(self_exe: &Path, address: &GuestAddress, command: &[String], tty: bool) -> tokio::process::Command {
+    let proxy = std::iter::once(self_exe.display().to_string())
+        .chain(address.proxy_args(SSH_PORT))
+        .map(|a| shell_quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut ssh = tokio::process::Command::new("ssh");
+    ssh.arg("-o")
+        .arg(format!("ProxyCommand={proxy}"))
+        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]);
+    if tty {
+        // The session's stdin is a pipe here: force the guest-side pty.
+        ssh.arg("-tt");
+    }
+    ssh.args(["root@microvm", "--"]).args(command).kill_on_drop(true);
+    ssh
+}
+
+async fn guest_command(
+    self_exe: &Path,
+    address: &GuestAddress,
+    command: &[String],
+    tty: bool,
+    inbound: Streaming<ExecTaskStreamingRequest>,
+    out: &Out,
+) {
+    let child = ssh(self_exe, address, command, tty)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn();
     let mut child = match child {
         Ok(c) => c,
-        Err(e) => return refuse(out, &format!("cannot run ssh for vsock CID {cid}: {e}"), 126).await,
+        Err(e) => return refuse(out, &format!("cannot run ssh for {}: {e}", address.describe()), CANNOT_RUN).await,
     };
     let (Some(stdin), Some(stdout_pipe), Some(mut stderr_pipe)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
-        return refuse(out, "ssh without pipes", 126).await;
+        return refuse(out, "ssh without pipes", CANNOT_RUN).await;
     };
     let err_out = out.clone();
     let errors = tokio::spawn(async move {
@@ -161,4 +226,24 @@ async fn guest_command(cid: u32, command: &[String], inbound: Streaming<ExecTask
     let _ = errors.await;
     let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(1);
     finish(out, code).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_command_is_quoted_for_sh() {
+        assert_eq!(shell_quote("/a b/it's"), "'/a b/it'\\''s'");
+        let address = GuestAddress::Mux { socket: "/var/lib/x y/notify.vsock".into() };
+        let ssh =
+            ssh(Path::new("/opt/nomad plugins/nomad-driver-microvm"), &address, &["uname".into(), "-a".into()], true);
+        let args: Vec<String> = ssh.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            args[1],
+            "ProxyCommand='/opt/nomad plugins/nomad-driver-microvm' 'vsock-proxy' '--mux' '/var/lib/x y/notify.vsock' '22'"
+        );
+        assert!(args.contains(&"-tt".to_string()));
+        assert_eq!(&args[args.len() - 3..], ["--", "uname", "-a"]);
+    }
 }

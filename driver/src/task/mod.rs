@@ -489,24 +489,28 @@ impl Tasks {
         crate::supervisor::run::attach_console(&tracked.state.task_dir).await.map_err(TaskError::Console)
     }
 
-    /// The guest's vsock CID, from the booted runner, for `alloc exec`.
-    pub fn vsock_cid(&self, id: &str) -> Result<Option<u32>, TaskError> {
+    /// Where the guest's vsock is, from the booted runner, for `alloc exec`;
+    /// `None` when the guest has none.
+    pub fn guest_address(&self, id: &str) -> Result<Option<crate::vsock::GuestAddress>, TaskError> {
         let tracked = self.get(id).ok_or_else(|| TaskError::NotFound(id.to_string()))?;
         let runner = crate::runner::Runner::read(&tracked.state.runner)
             .map_err(|source| TaskError::Runner { path: tracked.state.runner.clone(), source })?;
-        Ok(runner.vsock_cid)
+        Ok(crate::vsock::GuestAddress::of(&runner, &tracked.state.work_dir))
     }
 
-    /// The processes whose usage is the task's: VMM, virtiofsd, supervisor.
+    /// The processes whose usage is the task's: VMM, virtiofsd (with the
+    /// sandbox child that does its work: `--sandbox=namespace` forks),
+    /// supervisor.
     pub fn usage_pids(&self, id: &str) -> Result<Vec<ProcessId>, TaskError> {
         let tracked = self.get(id).ok_or_else(|| TaskError::NotFound(id.to_string()))?;
         let pids = protocol::read_json::<protocol::Pids>(&tracked.state.task_dir.join(protocol::PIDS_FILE))
             .unwrap_or_default();
+        let virtiofsd = pids.virtiofsd.iter().map(|(_, p)| *p).flat_map(|p| std::iter::once(p).chain(p.children()));
         Ok(pids
             .vmm
             .iter()
             .copied()
-            .chain(pids.virtiofsd.iter().map(|(_, p)| *p))
+            .chain(virtiofsd)
             .chain(pids.supervisor.iter().copied())
             .filter(ProcessId::is_alive)
             .collect())
