@@ -16,7 +16,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 packages=(
 	protobuf-compiler qemu-system-x86 qemu-utils linux-image-amd64 busybox-static
 	nix-bin iproute2 kmod cpio e2fsprogs socat tmux git openssh-server openssh-client
-	libcap-ng-dev libseccomp-dev procps curl
+	libcap-ng-dev libseccomp-dev procps curl gcc python3
 )
 missing=()
 for p in "${packages[@]}"; do

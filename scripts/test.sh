@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+if ((EUID != 0)); then
+	echo "scripts/test.sh: run it as root (it installs packages, and the tests make network namespaces, taps and VMs)" >&2
+	exit 1
+fi
+
 scripts/install-deps.sh
 export NOMAD_BIN VIRTIOFSD
 NOMAD_BIN=$(tests/nomad-peer/build.sh)
