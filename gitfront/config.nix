@@ -21,6 +21,8 @@ let
     # A Nomad namespace template using both placeholders.
     namespace = "[A-Za-z0-9-]*([{]user[}][A-Za-z0-9-]*[{]repo[}]|[{]repo[}][A-Za-z0-9-]*[{]user[}])[A-Za-z0-9-]*";
     nonEmpty = ".+";
+    # build.confinement (gitfront/src/confine.rs).
+    confinement = "landlock|none";
   };
 
   # nix flags of the default build, eval and lock commands (gitfront's
@@ -41,7 +43,8 @@ let
   # A leaf has `key` (its TOML name); any other attrset is a [section] whose
   # TOML name is its option name. `kind`:
   #   path, nullPath (null: key left out), storeUrl, searchPath, httpUrl,
-  #   duration, namespace          strings of those shapes
+  #   duration, namespace,
+  #   confinement                  strings of those shapes
   #   nonEmptyList                 a non-empty list of non-empty strings
   #                                (each matching `pattern`, when given)
   #   argv                         a non-empty list of strings: an argv
@@ -121,6 +124,12 @@ let
         pattern = "github|gitlab|sourcehut|git[+](https|http|ssh|git)|hg[+](https|http|ssh)|(tarball|file)[+](https|http)";
         default = [ "github" "gitlab" "sourcehut" "git+https" "tarball+https" "file+https" ];
         description = "Flake input schemes a pushed flake's inputs may use (checked in its flake.lock and in the lock nix computes); network schemes only.";
+      };
+      confinement = {
+        key = "confinement";
+        kind = "confinement";
+        default = "landlock";
+        description = "`landlock`: nix may open files only under the system dirs, the Nix store and the push's scratch dir while it evaluates and builds a pushed flake (needs Linux >= 5.13 with Landlock); `none`: no such confinement.";
       };
       command = {
         allowed = [ "{installable}" "{out_link}" "{flake}" "{attr}" "{allowed_uris}" ];
@@ -231,6 +240,7 @@ let
       duration = patterns.duration;
       namespace = patterns.namespace;
       nonEmptyList = patterns.nonEmpty;
+      confinement = patterns.confinement;
     }.${kind} or null;
 
   u32max = 4294967295;

@@ -67,6 +67,9 @@ pub struct BuildConfig {
     /// Flake input schemes a pushed flake's lock may use (flakelock.rs):
     /// network ones only.
     pub allowed_input_schemes: Vec<String>,
+    /// Whether nix runs under Landlock while it evaluates and builds
+    /// (confine.rs).
+    pub confinement: ConfineMode,
     /// argv templates; see [`BUILD_PLACEHOLDERS`] and friends.
     pub command: Vec<String>,
     pub eval_command: Vec<String>,
@@ -77,6 +80,25 @@ pub struct BuildConfig {
     pub timeout: Duration,
     /// Lines of build output shown when a build fails.
     pub log_tail_lines: usize,
+}
+
+/// `build.confinement`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfineMode {
+    /// nix may open files only under the system dirs, the store and the
+    /// push's scratch dir.
+    Landlock,
+    /// No confinement beyond nix's own (for kernels without Landlock).
+    None,
+}
+
+impl ConfineMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfineMode::Landlock => "landlock",
+            ConfineMode::None => "none",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +201,7 @@ struct RawNomad {
 #[serde(deny_unknown_fields)]
 struct RawBuild {
     allowed_input_schemes: Option<Vec<String>>,
+    confinement: Option<String>,
     command: Option<Vec<String>>,
     eval_command: Option<Vec<String>>,
     lock_command: Option<Vec<String>>,
@@ -225,6 +248,7 @@ pub fn defaults() -> Config {
         },
         build: BuildConfig {
             allowed_input_schemes: crate::flakelock::DEFAULT_SCHEMES.iter().map(|s| s.to_string()).collect(),
+            confinement: ConfineMode::Landlock,
             // The committed lock must lock every input: nix fetches exactly its nodes.
             command: nix_eval_command(
                 &["build"],
@@ -364,8 +388,38 @@ impl Config {
         for s in &allowed_input_schemes {
             crate::flakelock::check_scheme(s).map_err(|r| invalid("build.allowed_input_schemes", r))?;
         }
+        let confinement = match raw.build.confinement.as_deref() {
+            None => d.build.confinement,
+            Some("landlock") => ConfineMode::Landlock,
+            Some("none") => ConfineMode::None,
+            Some(other) => {
+                return Err(invalid("build.confinement", format!("{other:?} is not \"landlock\" or \"none\"")));
+            }
+        };
+        let repos_root = abs("repos_root", raw.repos_root, d.repos_root)?;
+        let state_dir = abs("state_dir", raw.state_dir, d.state_dir)?;
+        if confinement == ConfineMode::Landlock {
+            let kept = [
+                ("repos_root", Some(&repos_root)),
+                ("state_dir", Some(&state_dir)),
+                ("nomad.token_file", nomad.token_file.as_ref()),
+            ];
+            for (key, path) in kept {
+                if let Some(root) = path.and_then(|p| crate::confine::readable_root(p)) {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{} is under {root}, which nix may read while it evaluates pushed flakes: keep it elsewhere \
+                             (like /var/lib or /run/keys)",
+                            path.map(|p| p.display().to_string()).unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+        }
         let build = BuildConfig {
             allowed_input_schemes,
+            confinement,
             command: argv("build.command", raw.build.command, d.build.command, BUILD_PLACEHOLDERS, BUILD_REQUIRED)?,
             eval_command: argv(
                 "build.eval_command",
@@ -413,8 +467,8 @@ impl Config {
 
         Ok(Config {
             file: path.to_path_buf(),
-            repos_root: abs("repos_root", raw.repos_root, d.repos_root)?,
-            state_dir: abs("state_dir", raw.state_dir, d.state_dir)?,
+            repos_root,
+            state_dir,
             binary_cache,
             path: exec_path,
             nomad,
@@ -469,6 +523,7 @@ impl Config {
         out += &format!("deploy_timeout = {}\n", q(&duration::format(self.nomad.deploy_timeout)));
         out += "\n[build]\n";
         out += &format!("allowed_input_schemes = {}\n", list(&self.build.allowed_input_schemes));
+        out += &format!("confinement = {}\n", q(self.build.confinement.as_str()));
         out += &format!("command = {}\n", list(&self.build.command));
         out += &format!("eval_command = {}\n", list(&self.build.eval_command));
         out += &format!("lock_command = {}\n", list(&self.build.lock_command));
@@ -588,6 +643,7 @@ request_timeout = "5s"
 deploy_timeout = "2m"
 [build]
 allowed_input_schemes = ["github", "git+ssh"]
+confinement = "none"
 command = ["nix", "build", "-L", "--out-link", "{out_link}", "{installable}"]
 eval_command = ["nix", "eval", "--json", "{flake}#{attr}", "--apply", "{apply}", "--impure"]
 lock_command = ["nix", "flake", "metadata", "--json", "--store", "{store}", "{flake}", "--option", "allowed-uris", "{allowed_uris}"]
@@ -698,6 +754,12 @@ max_mem = 1024
             ),
             ("[build]\nallowed_input_schemes = [\"s3\"]", "`build.allowed_input_schemes`: unknown input scheme \"s3\""),
             ("[build]\nallowed_input_schemes = []", "`build.allowed_input_schemes`: must list at least one scheme"),
+            ("[build]\nconfinement = \"chroot\"", "`build.confinement`: \"chroot\" is not \"landlock\" or \"none\""),
+            (
+                "[nomad]\ntoken_file = \"/etc/nomad/token\"",
+                "`nomad.token_file`: /etc/nomad/token is under /etc, which nix may read while it evaluates pushed flakes",
+            ),
+            ("repos_root = \"/usr/local/git\"", "`repos_root`: /usr/local/git is under /usr, which nix may read"),
             (
                 "[build]\nlock_command = [\"nix\", \"flake\", \"metadata\", \"{flake}\"]",
                 "`build.lock_command`: must use {store}",
@@ -725,6 +787,13 @@ max_mem = 1024
         );
         let e = parse("repos = 1").unwrap_err();
         assert!(e.contains("repos"), "{e}");
+    }
+
+    #[test]
+    fn secrets_may_sit_where_nix_reads_only_without_confinement() {
+        let c = parse("[nomad]\ntoken_file = \"/etc/nomad/token\"\n[build]\nconfinement = \"none\"").unwrap();
+        assert_eq!(c.build.confinement, ConfineMode::None);
+        assert_eq!(parse("").unwrap().build.confinement, ConfineMode::Landlock);
     }
 
     #[test]

@@ -93,12 +93,12 @@ pub fn update(config: &Config, user: &UserName, repo: &RepoName, update: &RefUpd
     let scratch = crate::serve::private_dir(&tmp)
         .and_then(|()| tempfile::Builder::new().prefix("build-").tempdir_in(&tmp))
         .map_err(|source| HookError::Scratch { dir: tmp.clone(), source })?;
-    let src = scratch.path().join("src");
+    let src = HostBuild::source_dir(scratch.path());
     checkout::export(&config.repo_dir(user, repo), update.new, &src, &config.path, EXPORT_LIMIT)?;
 
-    let build = HostBuild::new(config, &src, &branch);
+    let build = HostBuild::new(config, scratch.path(), &branch);
     log.say(format!("building {} from commit {}", build.runner_attr(), short(update.new)));
-    build.check_inputs(&scratch.path().join("lock-store"))?;
+    build.check_inputs()?;
     let guest = build.guest()?;
     if guest.vcpu > config.limits.max_vcpu {
         return Err(HookError::Limit { what: "vCPUs", asked: guest.vcpu, limit: config.limits.max_vcpu });

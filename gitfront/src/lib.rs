@@ -7,7 +7,8 @@
 //! Module map: the forced command ([`serve`]) parses what the client asked
 //! for ([`command`], [`names`]) and runs git with a per-push `update` hook
 //! ([`hook`]), which exports the commit ([`checkout`]), checks what its
-//! flake may fetch ([`flakelock`]), builds it ([`nixbuild`]) and deploys
+//! flake may fetch ([`flakelock`]), builds it ([`nixbuild`], confined by
+//! [`confine`]) and deploys
 //! it ([`deploy`], [`job`], [`nomad`]); [`status`] lists a user's VMs;
 //! [`keys`] makes the `authorized_keys` lines; [`config`] is the
 //! operator's TOML; [`exec`] runs every external program.
@@ -16,6 +17,7 @@ pub mod checkout;
 pub mod cli;
 pub mod command;
 pub mod config;
+pub mod confine;
 pub mod deploy;
 pub mod duration;
 pub mod exec;

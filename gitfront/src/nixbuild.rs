@@ -15,13 +15,21 @@
 //! throwaway store of its own (where whatever that fetches is deleted with
 //! the scratch dir), and that lock is checked too. The real evaluation then
 //! runs with `--no-update-lock-file`: it uses that same lock or stops.
+//!
+//! Everything of one build lives in the push's scratch dir: the checkout
+//! (`src/`), the lock command's store, and nix's `TMPDIR`, cache and `HOME`
+//! (so no cache is shared between users' flakes). Under
+//! `build.confinement = "landlock"` that dir (and, for the build, the dir
+//! of its out link) is all nix may write, and beside the system and the
+//! store all it may read (confine.rs).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::config::{Config, expand};
+use crate::config::{Config, ConfineMode, expand};
+use crate::confine::{ConfineError, Confinement};
 use crate::exec::{self, ExecError, Finished, Stdout, clean_command};
 use crate::flakelock::{self, LockError};
 use crate::names::Branch;
@@ -42,6 +50,8 @@ pub struct Guest {
 pub enum BuildError {
     #[error(transparent)]
     Inputs(#[from] LockError),
+    #[error(transparent)]
+    Confine(#[from] ConfineError),
     #[error("reading the inputs of flake.nix failed")]
     LockCheck { output: Vec<String> },
     #[error("the lock command printed {text:?}, not flake metadata with `locks`")]
@@ -96,6 +106,8 @@ impl BuildError {
 /// One host's build, from one exported commit.
 pub struct HostBuild<'a> {
     config: &'a Config,
+    /// The push's scratch dir for this build: `src/` is the checkout.
+    scratch: PathBuf,
     dir: PathBuf,
     flake: String,
     /// nix's `allowed-uris` for the allowed input schemes.
@@ -105,17 +117,25 @@ pub struct HostBuild<'a> {
 }
 
 impl<'a> HostBuild<'a> {
-    /// Evaluation and build of `branch` from `flake_dir` must both finish
-    /// within the config's `build.timeout`, counted from now.
-    pub fn new(config: &'a Config, flake_dir: &Path, branch: &'a Branch) -> HostBuild<'a> {
+    /// Evaluation and build of `branch` from the checkout in
+    /// [`HostBuild::source_dir`] of `scratch` must both finish within the
+    /// config's `build.timeout`, counted from now.
+    pub fn new(config: &'a Config, scratch: &Path, branch: &'a Branch) -> HostBuild<'a> {
+        let flake_dir = Self::source_dir(scratch);
         HostBuild {
             config,
-            dir: flake_dir.to_path_buf(),
+            scratch: scratch.to_path_buf(),
+            dir: flake_dir.clone(),
             flake: format!("path:{}", flake_dir.display()),
             allowed_uris: flakelock::allowed_uris(&config.build.allowed_input_schemes),
             branch,
             deadline: Instant::now() + config.build.timeout,
         }
+    }
+
+    /// Where the commit is exported to (checkout.rs) in `scratch`.
+    pub fn source_dir(scratch: &Path) -> PathBuf {
+        scratch.join("src")
     }
 
     pub fn runner_attr(&self) -> String {
@@ -126,10 +146,30 @@ impl<'a> HostBuild<'a> {
         format!("nixosConfigurations.{}.config.microvm", self.branch)
     }
 
-    fn run(&self, what: String, argv: Vec<String>, stdout: Stdout) -> Result<Finished, BuildError> {
+    /// Runs a nix command on the pushed flake: its scratch dirs as
+    /// `TMPDIR`, cache and `HOME`, confined (unless configured otherwise)
+    /// to the scratch dir and `writable`.
+    fn run(&self, what: String, argv: Vec<String>, stdout: Stdout, writable: &[&Path]) -> Result<Finished, BuildError> {
         let limit = self.deadline.saturating_duration_since(Instant::now());
         let mut cmd = clean_command(&argv[0], &self.config.path);
         cmd.args(&argv[1..]);
+        for (var, sub) in [("TMPDIR", "tmp"), ("XDG_CACHE_HOME", "cache"), ("HOME", "home")] {
+            let dir = self.scratch.join(sub);
+            std::fs::create_dir_all(&dir).map_err(|source| BuildError::Dir { path: dir.clone(), source })?;
+            cmd.env(var, dir);
+        }
+        // Lives until the command has been spawned (its fd is the ruleset).
+        let confinement = match self.config.build.confinement {
+            ConfineMode::Landlock => {
+                let mut dirs = vec![self.scratch.as_path()];
+                dirs.extend_from_slice(writable);
+                Some(Confinement::new(&dirs)?)
+            }
+            ConfineMode::None => None,
+        };
+        if let Some(c) = &confinement {
+            c.apply(&mut cmd);
+        }
         exec::run(cmd, stdout, limit).map_err(|e| match e {
             ExecError::TimedOut { output, .. } => {
                 BuildError::TimedOut { what, limit: self.config.build.timeout, output }
@@ -140,17 +180,19 @@ impl<'a> HostBuild<'a> {
 
     /// Refuses the flake if nix would fetch anything but allowed network
     /// inputs for it: checks the committed `flake.lock`, then the lock nix
-    /// computes from `flake.nix` in `store` (a private, throwaway chroot
-    /// store; removed here).
-    pub fn check_inputs(&self, store: &Path) -> Result<(), BuildError> {
+    /// computes from `flake.nix` in a throwaway chroot store in the scratch
+    /// dir (removed here).
+    pub fn check_inputs(&self) -> Result<(), BuildError> {
         let schemes = &self.config.build.allowed_input_schemes;
         flakelock::check_committed(&self.dir, schemes)?;
+        let store = self.scratch.join("lock-store");
+        let store = store.as_path();
         let store_text = store.to_string_lossy();
         let argv = expand(
             &self.config.build.lock_command,
             &[("{flake}", &self.flake), ("{store}", &store_text), ("{allowed_uris}", &self.allowed_uris)],
         );
-        let done = self.run("reading the inputs of flake.nix".into(), argv, Stdout::Capture);
+        let done = self.run("reading the inputs of flake.nix".into(), argv, Stdout::Capture, &[]);
         remove_store(store);
         let done = done?;
         if !done.status.success() {
@@ -179,7 +221,7 @@ impl<'a> HostBuild<'a> {
                 ("{allowed_uris}", &self.allowed_uris),
             ],
         );
-        let done = self.run(format!("evaluating {attr}"), argv, Stdout::Capture)?;
+        let done = self.run(format!("evaluating {attr}"), argv, Stdout::Capture, &[])?;
         if !done.status.success() {
             return Err(BuildError::Eval { attr, output: done.output });
         }
@@ -199,6 +241,8 @@ impl<'a> HostBuild<'a> {
         }
         let installable = format!("{}#{attr}", self.flake);
         let link = out_link.to_string_lossy();
+        // nix writes the out link (its GC root) itself.
+        let link_dir = out_link.parent().unwrap_or(Path::new("/"));
         let argv = expand(
             &self.config.build.command,
             &[
@@ -209,7 +253,7 @@ impl<'a> HostBuild<'a> {
                 ("{allowed_uris}", &self.allowed_uris),
             ],
         );
-        let done = self.run(format!("building {attr}"), argv, Stdout::Merge)?;
+        let done = self.run(format!("building {attr}"), argv, Stdout::Merge, &[link_dir])?;
         if !done.status.success() {
             return Err(BuildError::Build { attr, output: done.output });
         }
@@ -289,14 +333,16 @@ mod tests {
 
     #[test]
     fn reads_the_guest_size_and_names_bad_output() {
+        let tmp = tempfile::tempdir().unwrap();
+        let scratch = tmp.path();
         let b = branch();
         let c = config(r#"echo '{"vcpu": 2, "mem": 128}'"#, "true", "10s");
-        assert_eq!(HostBuild::new(&c, Path::new("/src"), &b).guest().unwrap(), Guest { vcpu: 2, mem: 128 });
+        assert_eq!(HostBuild::new(&c, scratch, &b).guest().unwrap(), Guest { vcpu: 2, mem: 128 });
         let c = config(r#"echo '{"vcpu": 0, "mem": 128}'"#, "true", "10s");
-        let e = HostBuild::new(&c, Path::new("/src"), &b).guest().unwrap_err();
+        let e = HostBuild::new(&c, scratch, &b).guest().unwrap_err();
         assert!(e.to_string().starts_with("nixosConfigurations.alpha.config.microvm evaluated to "), "{e}");
         let c = config("echo 'error: attribute missing' >&2; exit 1", "true", "10s");
-        let e = HostBuild::new(&c, Path::new("/src"), &b).guest().unwrap_err();
+        let e = HostBuild::new(&c, scratch, &b).guest().unwrap_err();
         assert_eq!(e.to_string(), "evaluating nixosConfigurations.alpha.config.microvm failed");
         assert_eq!(e.output(), ["error: attribute missing"]);
     }
@@ -304,20 +350,24 @@ mod tests {
     #[test]
     fn passes_the_installable_and_reads_the_out_link() {
         let tmp = tempfile::tempdir().unwrap();
+        let scratch = &tmp.path().join("scratch");
         let b = branch();
         // $0 = {installable}, $1 = {out_link}
         let c = config("true", r#"echo "$0" > "$1.seen"; ln -s /nix/store/aaaa-microvm-qemu-alpha "$1""#, "10s");
         let link = tmp.path().join("roots/alpha");
-        let runner = HostBuild::new(&c, Path::new("/src"), &b).runner(&link).unwrap();
+        let runner = HostBuild::new(&c, scratch, &b).runner(&link).unwrap();
         assert_eq!(runner, Path::new("/nix/store/aaaa-microvm-qemu-alpha"));
         let seen = std::fs::read_to_string(tmp.path().join("roots/alpha.seen")).unwrap();
-        assert_eq!(seen.trim(), "path:/src#nixosConfigurations.alpha.config.microvm.declaredRunner");
+        assert_eq!(
+            seen.trim(),
+            format!("path:{}/src#nixosConfigurations.alpha.config.microvm.declaredRunner", scratch.display())
+        );
 
         let c = config("true", r#"ln -sfn /tmp/elsewhere "$1""#, "10s");
-        let e = HostBuild::new(&c, Path::new("/src"), &b).runner(&link).unwrap_err();
+        let e = HostBuild::new(&c, scratch, &b).runner(&link).unwrap_err();
         assert!(matches!(e, BuildError::NotInStore { .. }), "{e}");
         let c = config("true", "echo 'builder failed' >&2; exit 1", "10s");
-        let e = HostBuild::new(&c, Path::new("/src"), &b).runner(&tmp.path().join("x")).unwrap_err();
+        let e = HostBuild::new(&c, scratch, &b).runner(&tmp.path().join("x")).unwrap_err();
         assert_eq!(e.output(), ["builder failed"]);
     }
 
@@ -327,7 +377,7 @@ mod tests {
         let b = branch();
         let c = config("true", "echo compiling; sleep 30", "1s");
         let started = std::time::Instant::now();
-        let e = HostBuild::new(&c, Path::new("/src"), &b).runner(&tmp.path().join("r")).unwrap_err();
+        let e = HostBuild::new(&c, tmp.path(), &b).runner(&tmp.path().join("r")).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(10));
         assert_eq!(
             e.to_string(),
@@ -354,45 +404,46 @@ mod tests {
     #[test]
     fn check_inputs_checks_the_committed_lock_and_the_computed_one() {
         let tmp = tempfile::tempdir().unwrap();
-        let src = tmp.path().join("src");
+        let scratch = tmp.path();
+        let src = HostBuild::source_dir(scratch);
         std::fs::create_dir(&src).unwrap();
-        let store = tmp.path().join("store");
+        let store = scratch.join("lock-store");
         let b = branch();
 
         // The placeholders, and a store nix left read-only is removed.
         let c = lock_config(
             r#"echo "$0 $2" > "$1.args"; mkdir -p "$1/nix/store/x-source"; chmod -R a-w "$1"; echo '{"locks": {"nodes": {"root": {}}}}'"#,
         );
-        HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap();
-        let args = std::fs::read_to_string(tmp.path().join("store.args")).unwrap();
+        HostBuild::new(&c, scratch, &b).check_inputs().unwrap();
+        let args = std::fs::read_to_string(scratch.join("lock-store.args")).unwrap();
         assert_eq!(args.trim(), format!("path:{} https://", src.display()));
         assert!(!store.exists(), "the lock check's store is removed");
 
         // An input of flake.nix that no committed lock mentions.
         let c = lock_config(&metadata_script(r#"{"type": "path", "path": "/run/keys/token", "narHash": "sha256-x"}"#));
-        let e = HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap_err();
+        let e = HostBuild::new(&c, scratch, &b).check_inputs().unwrap_err();
         assert_eq!(
             e.to_string(),
             "flake.nix: input s (path:/run/keys/token) reads local files; pushed flakes may only fetch inputs over the network"
         );
         let c = lock_config(&metadata_script(r#"{"type": "github", "owner": "o", "repo": "r", "rev": "a"}"#));
-        HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap();
+        HostBuild::new(&c, scratch, &b).check_inputs().unwrap();
 
         // The committed lock is checked before nix runs at all.
         let bad = r#"{"nodes": {"root": {"inputs": {"k": "k"}}, "k": {"locked": {"type": "git", "url": "file:///srv/bob.git"}}}}"#;
         std::fs::write(src.join("flake.lock"), bad).unwrap();
         let c = lock_config("touch \"$1.ran\"; exit 1");
-        let e = HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap_err();
+        let e = HostBuild::new(&c, scratch, &b).check_inputs().unwrap_err();
         assert!(e.to_string().starts_with("flake.lock: input k (git+file:///srv/bob.git) reads local files"), "{e}");
-        assert!(!tmp.path().join("store.ran").exists(), "nix did not run");
+        assert!(!scratch.join("lock-store.ran").exists(), "nix did not run");
         std::fs::remove_file(src.join("flake.lock")).unwrap();
 
         let c = lock_config("echo 'error: flake.nix: syntax error' >&2; exit 1");
-        let e = HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap_err();
+        let e = HostBuild::new(&c, scratch, &b).check_inputs().unwrap_err();
         assert_eq!(e.to_string(), "reading the inputs of flake.nix failed");
         assert_eq!(e.output(), ["error: flake.nix: syntax error"]);
         let c = lock_config("echo 'not json'");
-        let e = HostBuild::new(&c, &src, &b).check_inputs(&store).unwrap_err();
+        let e = HostBuild::new(&c, scratch, &b).check_inputs().unwrap_err();
         assert_eq!(e.to_string(), "the lock command printed \"not json\", not flake metadata with `locks`");
     }
 }

@@ -810,6 +810,7 @@ const FRONT_SAMPLE: &str = r#"{
   };
   build = {
     allowedInputSchemes = [ "github" "git+ssh" ];
+    confinement = "none";
     command = [ "nix" "build" "-L" "--out-link" "{out_link}" "{installable}" ];
     evalCommand = [ "nix" "eval" "--json" "{flake}#{attr}" "--apply" "{apply}" "--show-trace" ];
     lockCommand = [ "nix" "flake" "metadata" "--json" "--store" "{store}" "{flake}" ];
@@ -932,6 +933,7 @@ fn gitfront_option_types_refuse_what_gitfront_refuses() {
         (r#"[ "build" "allowedInputSchemes" ]"#, r#"[ "github" "path" ]"#),
         (r#"[ "build" "allowedInputSchemes" ]"#, r#"[ "git+file" ]"#),
         (r#"[ "build" "allowedInputSchemes" ]"#, "[ ]"),
+        (r#"[ "build" "confinement" ]"#, r#""chroot""#),
         (r#"[ "job" "cpuPerVcpu" ]"#, "0"),
         (r#"[ "limits" "maxVcpu" ]"#, "0"),
         (r#"[ "limits" "maxPushBytes" ]"#, "0"),
