@@ -652,6 +652,52 @@ fn gitfront_flakes_cannot_read_local_files() {
             ],
         ),
         (
+            // getFlake of a locked local ref is fetched without any check,
+            // restrict-eval or not (nix copies the path, then compares the
+            // hash and prints it): only the confinement stops it.
+            "getflakepath",
+            vec![(
+                "flake.nix",
+                flake(
+                    host("getflakepath", 29).env(
+                        "LEAK",
+                        &format!(
+                            "builtins.readFile \"${{(builtins.getFlake \"path:{}?narHash={}\").outPath}}/nomad-token\"",
+                            secrets.display(),
+                            fake_hash.replace('+', "%2B").replace('=', "%3D")
+                        ),
+                    ),
+                    "",
+                ),
+            )],
+            vec![],
+            vec![
+                "REJECTED refs/heads/getflakepath: building nixosConfigurations.getflakepath.config.microvm.declaredRunner failed"
+                    .into(),
+                "Permission denied".into(),
+            ],
+        ),
+        (
+            "getflakegit",
+            vec![(
+                "flake.nix",
+                flake(
+                    host("getflakegit", 30).env(
+                        "LEAK",
+                        &format!(
+                            "builtins.readFile \"${{(builtins.getFlake \"git+file://{bob_path}?ref=zeta&rev={bob_commit}\").outPath}}/notes\""
+                        ),
+                    ),
+                    "",
+                ),
+            )],
+            vec![],
+            vec![
+                "REJECTED refs/heads/getflakegit: building nixosConfigurations.getflakegit.config.microvm.declaredRunner failed"
+                    .into(),
+            ],
+        ),
+        (
             "readlink",
             vec![("flake.nix", flake(host("readlink", 27).env("LEAK", "builtins.readFile ./leak"), ""))],
             vec![("leak", token_path.as_str())],
@@ -664,30 +710,65 @@ fn gitfront_flakes_cannot_read_local_files() {
     ];
 
     let work = front.workdir("alice", "evil", "evil");
-    let mut refspecs = Vec::new();
     let mut commits = Vec::new();
     for (name, files, links, _) in &attacks {
-        let commit = work.commit_tree(files, links, name);
-        refspecs.push(format!("{commit}:refs/heads/{name}"));
-        commits.push((name.to_string(), commit));
+        commits.push((name.to_string(), work.commit_tree(files, links, name)));
     }
-    let before = store_paths();
-    let refspecs: Vec<&str> = refspecs.iter().map(String::as_str).collect();
-    let out = work.push(&refspecs);
-    let log = stderr(&out);
-    assert!(!out.status.success(), "the push must fail:\n{log}");
-    for (name, _, _, reasons) in &attacks {
-        let reasons: Vec<&str> = reasons.iter().map(String::as_str).collect();
-        assert_contains(&log, &reasons);
-        assert!(!log.contains(&format!("[{name}] registered job")), "{name} was registered:\n{log}");
-        assert_eq!(front.branch_commit("alice", "evil", name), None, "{name} moved");
+    // Where Landlock turns the refusal into nix failing to open the file
+    // (before gitfront could name the input that wants it).
+    let confined_reasons = [
+        (
+            "pathinput",
+            vec![
+                "REJECTED refs/heads/pathinput: reading the inputs of flake.nix failed".to_string(),
+                format!("opening file '{token_path}': Permission denied"),
+            ],
+        ),
+        (
+            "bobinput",
+            vec![
+                "REJECTED refs/heads/bobinput: reading the inputs of flake.nix failed".to_string(),
+                format!("'{bob_path}' does not appear to be a git repository"),
+            ],
+        ),
+    ];
+    // Stopped by the confinement alone: left out of the unconfined round,
+    // where they would copy the token and bob's repo into the store.
+    let only_confined = ["getflakepath", "getflakegit"];
+    let config = std::fs::read_to_string(&front.config).unwrap();
+    for confined in [false, true] {
+        // Each layer on its own: first the lock checks and nix's
+        // restrictions without Landlock, then everything (the default).
+        let mode = if confined { "landlock" } else { "none" };
+        let text = config.replace("[build]\n", &format!("[build]\nconfinement = \"{mode}\"\n"));
+        std::fs::write(&front.config, text).unwrap();
+        let round: Vec<_> = attacks.iter().filter(|a| confined || !only_confined.contains(&a.0)).collect();
+        let refspecs: Vec<String> = round
+            .iter()
+            .map(|a| format!("{}:refs/heads/{}", commits.iter().find(|(n, _)| n == a.0).unwrap().1, a.0))
+            .collect();
+        let refspecs: Vec<&str> = refspecs.iter().map(String::as_str).collect();
+        let before = store_paths();
+        let out = work.push(&refspecs);
+        let log = stderr(&out);
+        assert!(!out.status.success(), "the push must fail ({mode}):\n{log}");
+        for (name, _, _, reasons) in &round {
+            let reasons = match confined_reasons.iter().find(|(n, _)| n == name) {
+                Some((_, r)) if confined => r,
+                _ => reasons,
+            };
+            let reasons: Vec<&str> = reasons.iter().map(String::as_str).collect();
+            assert_contains(&log, &reasons);
+            assert!(!log.contains(&format!("[{name}] registered job")), "{name} was registered ({mode}):\n{log}");
+            assert_eq!(front.branch_commit("alice", "evil", name), None, "{name} moved ({mode})");
+        }
+        assert!(!log.contains(&token) && !log.contains(&bob_mark), "a secret is in the push output ({mode}):\n{log}");
+        let jobs = w.agent.api("/v1/jobs?namespace=*");
+        let ours: Vec<_> = jobs.as_array().unwrap().iter().filter(|j| j["Namespace"] == "alice-evil").collect();
+        assert!(ours.is_empty(), "jobs registered ({mode}): {ours:?}");
+        let leaked = paths_holding(&before, &[&token, &bob_mark]);
+        assert!(leaked.is_empty(), "the store got a secret ({mode}): {leaked:?}");
     }
-    assert!(!log.contains(&token) && !log.contains(&bob_mark), "a secret is in the push output:\n{log}");
-    let jobs = w.agent.api("/v1/jobs?namespace=*");
-    let ours: Vec<_> = jobs.as_array().unwrap().iter().filter(|j| j["Namespace"] == "alice-evil").collect();
-    assert!(ours.is_empty(), "jobs registered: {ours:?}");
-    let leaked = paths_holding(&before, &[&token, &bob_mark]);
-    assert!(leaked.is_empty(), "the store got a secret: {leaked:?}");
 
     // Control: the same `pathinput` flake, evaluated as gitfront did before
     // (pure evaluation, the flake's own inputs), does copy the token into
