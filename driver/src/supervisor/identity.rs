@@ -33,8 +33,9 @@ impl ChildIdentity {
     /// after fork: only async-signal-safe calls, no allocation).
     pub fn apply(&self, cmd: &mut tokio::process::Command) {
         let me = self.clone();
-        // SAFETY: the closure only calls setrlimit/setgroups/setgid/setuid
-        // (async-signal-safe) on data captured before fork; it allocates nothing.
+        // SAFETY: the closure only calls open/read/write/close, setrlimit,
+        // setgroups, setgid and setuid (async-signal-safe) on data captured
+        // before fork; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || me.switch());
         }
@@ -42,6 +43,7 @@ impl ChildIdentity {
 
     fn switch(&self) -> io::Result<()> {
         let check = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+        unprotect_from_oom_killer();
         raise_limit(libc::RLIMIT_NOFILE, self.nofile);
         raise_limit(libc::RLIMIT_MEMLOCK, libc::RLIM_INFINITY);
         // SAFETY: plain syscalls on stack values; see `apply`.
@@ -53,6 +55,26 @@ impl ChildIdentity {
             }
         }
         Ok(())
+    }
+}
+
+/// Resets an inherited negative `oom_score_adj` to 0. Nomad's unit runs the
+/// agent with -1000 (never OOM-killed), and its children inherit that: a VM
+/// whose guest grows would then make the kernel kill everything else first.
+/// Async-signal-safe: open/read/write/close on a static path and a stack buffer.
+fn unprotect_from_oom_killer() {
+    const PATH: &std::ffi::CStr = c"/proc/self/oom_score_adj";
+    // SAFETY: plain syscalls on a static NUL-terminated path and a stack buffer.
+    unsafe {
+        let fd = libc::open(PATH.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if fd < 0 {
+            return;
+        }
+        let mut current = [0u8; 1];
+        if libc::read(fd, current.as_mut_ptr().cast(), 1) == 1 && current[0] == b'-' {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
+        }
+        libc::close(fd);
     }
 }
 
@@ -94,4 +116,41 @@ fn has_sys_resource() -> bool {
         })
         .map(|caps| caps & (1 << 24) != 0)
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The oom_score_adj a child started with `identity` reports, while
+    /// this process has `ours` (restored after).
+    async fn child_adj(ours: &str, identity: Option<&ChildIdentity>) -> std::io::Result<String> {
+        let before = std::fs::read_to_string("/proc/self/oom_score_adj")?;
+        std::fs::write("/proc/self/oom_score_adj", ours)?;
+        let mut cmd = tokio::process::Command::new("cat");
+        cmd.arg("/proc/self/oom_score_adj");
+        if let Some(id) = identity {
+            id.apply(&mut cmd);
+        }
+        let out = cmd.output().await;
+        // Back to where it was: lowering needs no privilege down to that value.
+        let _ = std::fs::write("/proc/self/oom_score_adj", before.trim());
+        Ok(String::from_utf8_lossy(&out?.stdout).trim().to_string())
+    }
+
+    #[tokio::test]
+    async fn the_vmm_does_not_inherit_protection_from_the_oom_killer() {
+        let me = ChildIdentity::new(nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw(), &[]);
+        // A positive value (anyone may raise theirs) is the operator's: kept.
+        assert_eq!(child_adj("300", Some(&me)).await.unwrap(), "300");
+        // A negative one (Nomad's unit: -1000) is reset. Setting one needs
+        // CAP_SYS_RESOURCE, which the development machines do not give.
+        match child_adj("-900", None).await {
+            Ok(inherited) => {
+                assert_eq!(inherited, "-900", "children inherit it");
+                assert_eq!(child_adj("-900", Some(&me)).await.unwrap(), "0", "the VMM's is reset");
+            }
+            Err(e) => eprintln!("negative oom_score_adj not settable here ({e}): only the positive case ran"),
+        }
+    }
 }
