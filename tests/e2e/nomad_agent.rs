@@ -76,7 +76,11 @@ fn bad_plugin_config_stops_the_agent_with_the_key_named() {
             vec!["No argument or block type is named \"state_dri\""],
         ),
         // Wrong type for our schema.
-        ("type", plugin_config(&state, "    allowed_bridges = true\n"), vec!["allowed_bridges"]),
+        (
+            "type",
+            plugin_config(&state, "    allowed_bridges = true\n"),
+            vec!["Inappropriate value for attribute \"allowed_bridges\": list of string required, but have bool"],
+        ),
         // Right type, wrong meaning: our SetConfig error reaches the agent log.
         (
             "meaning",

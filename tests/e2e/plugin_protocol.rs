@@ -148,3 +148,59 @@ async fn ignores_sigint() {
     let mut base = BasePluginClient::new(connect(plugin.socket.clone()).await);
     base.plugin_info(PluginInfoRequest {}).await.expect("still serving");
 }
+
+/// The stream is re-sent when the host changes (checked every
+/// `fingerprint_period`) and when SetConfig changes the config.
+#[tokio::test]
+async fn fingerprint_follows_the_host_and_the_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = open_tempdir();
+    let plugin = start_plugin(dir.path());
+    let channel = connect(plugin.socket.clone()).await;
+    let virtiofsd = dir.path().join("virtiofsd");
+    let config = |virtiofsd: &std::path::Path| {
+        let mut msgpack = Vec::new();
+        let pairs = [
+            ("state_dir", dir.path().join("state").display().to_string()),
+            ("virtiofsd", virtiofsd.display().to_string()),
+            ("fingerprint_period", "1s".to_string()),
+        ];
+        let map = pairs.iter().map(|(k, v)| (rmpv::Value::from(*k), rmpv::Value::from(v.as_str()))).collect();
+        rmpv::encode::write_value(&mut msgpack, &rmpv::Value::Map(map)).unwrap();
+        SetConfigRequest { msgpack_config: msgpack, nomad_config: None, plugin_api_version: "0.1.0".into() }
+    };
+    let mut base = BasePluginClient::new(channel.clone());
+    base.set_config(config(&virtiofsd)).await.expect("SetConfig");
+    let mut stream = DriverClient::new(channel).fingerprint(FingerprintRequest {}).await.unwrap().into_inner();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(15), stream.message())
+            .await
+            .expect("a fingerprint within 15 s")
+            .unwrap()
+            .expect("stream open")
+    };
+    let virtiofsd_attr = |f: &microvm_proto::drivers::FingerprintResponse| {
+        use microvm_proto::structs::attribute::Value;
+        match f.attributes.get("driver.microvm.virtiofsd").and_then(|a| a.value.clone()) {
+            Some(Value::BoolVal(b)) => b,
+            other => panic!("driver.microvm.virtiofsd is {other:?}"),
+        }
+    };
+    let first = next().await;
+    assert!(!virtiofsd_attr(&first), "no virtiofsd yet");
+    assert!(first.health_description.contains("virtiofsd not found"), "{}", first.health_description);
+
+    // The host changes: virtiofsd appears. The next periodic check sees it.
+    std::fs::write(&virtiofsd, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&virtiofsd, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let appeared = Instant::now();
+    let second = next().await;
+    assert!(virtiofsd_attr(&second), "{second:?}");
+    assert!(!second.health_description.contains("virtiofsd not found"), "{}", second.health_description);
+    assert!(appeared.elapsed() < Duration::from_secs(10), "re-checked within a few periods");
+
+    // The config changes: a virtiofsd that does not exist. Sent again.
+    base.set_config(config(&dir.path().join("gone"))).await.expect("SetConfig");
+    let third = next().await;
+    assert!(!virtiofsd_attr(&third), "{third:?}");
+}
