@@ -10,7 +10,7 @@
 # namespace of its own (bridge br0, 192.0.2.1/24) with a persistent Nomad
 # agent. bench.py prints one table and writes it, with the machine, date and
 # commit, to bench/results.md (or --out). Defaults: 20 starts per side for
-# parts a and c, N = 1, 10, 50 for parts b and d. About 10 minutes on 2 cores.
+# parts a and c, N = 1, 10, 50 for parts b and d. About 5 minutes on 2 cores.
 #
 # Everything the run starts lives in that namespace and is killed by pid when
 # it ends, failed or not (trap): the agent's process group, then every process

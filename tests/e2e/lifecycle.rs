@@ -45,7 +45,24 @@ fn vm_boots_logs_shares_pings_and_stops_gracefully() {
         let cpu = usage["CpuStats"]["TotalTicks"].as_f64().unwrap_or(0.0);
         if rss > 0 && cpu > 0.0 { Ok(s) } else { Err(s.to_string()) }
     });
-    assert!(stats["Tasks"]["vm"]["Pids"].as_object().is_some_and(|p| p.len() >= 2), "VMM and virtiofsd: {stats}");
+    // Every process of the VM is counted: the VMM and both virtiofsd
+    // processes (its `--sandbox=namespace` child does the work).
+    let counted: Vec<String> =
+        stats["Tasks"]["vm"]["Pids"].as_object().map(|p| p.keys().cloned().collect()).unwrap_or_default();
+    let vmm = w.vmm_pids("alpha");
+    let virtiofsd = pgrep(&format!("--shared-dir={}", work.display()));
+    assert_eq!(vmm.len(), 1, "one VMM: {vmm:?}");
+    assert!(virtiofsd.len() >= 2, "virtiofsd and its sandbox child: {virtiofsd:?}");
+    for pid in vmm.iter().chain(&virtiofsd) {
+        assert!(counted.contains(&pid.to_string()), "pid {pid} not in the stats: {counted:?}");
+    }
+
+    // The VMM runs as the VMM user, never as root.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vmm[0])).expect("VMM status");
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid line").to_string();
+    let microvm_uid = nix::unistd::User::from_name("microvm").unwrap().expect("user microvm").uid.as_raw();
+    let uids: Vec<u32> = uid_line.split_whitespace().skip(1).map(|u| u.parse().unwrap()).collect();
+    assert!(uids.iter().all(|u| *u == microvm_uid), "VMM uids {uid_line:?}, want {microvm_uid}");
 
     // Graceful stop: the guest's own shutdown message, before any signal.
     w.agent.nomad_ok(&["job", "stop", "-detach", "alpha"]);
