@@ -56,6 +56,8 @@ pub enum BuildError {
     LockCheck { output: Vec<String> },
     #[error("the lock command printed {text:?}, not flake metadata with `locks`")]
     LockOutput { text: String },
+    #[error("flake.lock does not lock every input of flake.nix: run `nix flake lock` and commit flake.lock")]
+    StaleLock { output: Vec<String> },
     #[error("evaluating {attr} failed")]
     Eval { attr: String, output: Vec<String> },
     #[error("{attr} evaluated to {text:?}, not {{\"vcpu\": <n>, \"mem\": <MiB>}} with positive whole numbers")]
@@ -95,6 +97,7 @@ impl BuildError {
         match self {
             BuildError::Eval { output, .. }
             | BuildError::LockCheck { output }
+            | BuildError::StaleLock { output }
             | BuildError::Build { output, .. }
             | BuildError::Copy { output, .. }
             | BuildError::TimedOut { output, .. } => output,
@@ -204,6 +207,12 @@ impl<'a> HostBuild<'a> {
             return Err(BuildError::LockOutput { text });
         };
         flakelock::check("flake.nix", locks, schemes)?;
+        // What nix says when the lock it computed differs from the file:
+        // the eval's --no-update-lock-file would refuse the same, after
+        // fetching the missing inputs.
+        if done.output.iter().any(|l| l.contains("not writing modified lock file")) {
+            return Err(BuildError::StaleLock { output: done.output });
+        }
         Ok(())
     }
 
@@ -426,8 +435,19 @@ mod tests {
             e.to_string(),
             "flake.nix: input s (path:/run/keys/token) reads local files; pushed flakes may only fetch inputs over the network"
         );
-        let c = lock_config(&metadata_script(r#"{"type": "github", "owner": "o", "repo": "r", "rev": "a"}"#));
+        let github = metadata_script(r#"{"type": "github", "owner": "o", "repo": "r", "rev": "a"}"#);
+        let c = lock_config(&github);
         HostBuild::new(&c, scratch, &b).check_inputs().unwrap();
+        // The same input, but flake.lock lacks it (nix says so on stderr).
+        let c = lock_config(&format!(
+            "echo \"warning: not writing modified lock file of flake 'path:/x':\" >&2; echo \"• Added input 's':\" >&2; {github}"
+        ));
+        let e = HostBuild::new(&c, scratch, &b).check_inputs().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "flake.lock does not lock every input of flake.nix: run `nix flake lock` and commit flake.lock"
+        );
+        assert_eq!(e.output().last().map(String::as_str), Some("• Added input 's':"));
 
         // The committed lock is checked before nix runs at all.
         let bad = r#"{"nodes": {"root": {"inputs": {"k": "k"}}, "k": {"locked": {"type": "git", "url": "file:///srv/bob.git"}}}}"#;
