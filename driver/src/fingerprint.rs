@@ -39,6 +39,8 @@ pub struct HostFacts {
     pub state_dir: Result<(), String>,
     /// VMM binaries found on PATH (runners usually carry their own).
     pub hypervisors: Vec<&'static str>,
+    /// "v2" (each VM in its task's cgroup, memory enforced), "v1" or "none".
+    pub cgroups: &'static str,
 }
 
 /// Binaries that each hypervisor microvm.nix knows runs as.
@@ -88,6 +90,7 @@ impl HostFacts {
                 .filter(|h| which(Path::new(hypervisor_binary(**h))).is_some())
                 .map(|h| h.name())
                 .collect(),
+            cgroups: crate::cgroup::host_version(),
         }
     }
 }
@@ -118,6 +121,7 @@ pub fn assess(facts: &HostFacts, config: &PluginConfig) -> FingerprintResponse {
     put("hypervisors", AttrValue::StringVal(facts.hypervisors.join(",")));
     put("virtiofsd", AttrValue::BoolVal(facts.virtiofsd.is_some()));
     put("nix", AttrValue::BoolVal(facts.nix.is_some()));
+    put("cgroups", AttrValue::StringVal(facts.cgroups.to_string()));
     if let Some(bridge) = &config.default_bridge {
         put("default_bridge", AttrValue::StringVal(bridge.clone()));
     }
@@ -311,6 +315,7 @@ mod tests {
             vmm_identity: Ok(()),
             state_dir: Ok(()),
             hypervisors: vec!["qemu"],
+            cgroups: "v2",
         }
     }
 

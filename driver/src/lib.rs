@@ -7,6 +7,7 @@
 //! exit status and writes the serial console into Nomad's log FIFOs. Everything
 //! RecoverTask needs is in the task handle's `driver_state` (`state`).
 
+pub mod cgroup;
 pub mod config;
 pub mod cty;
 pub mod fingerprint;

@@ -19,6 +19,7 @@ use super::identity::ChildIdentity;
 use super::logsink::LogSink;
 use super::protocol::{self, Event, ExitRecord, LaunchSpec, Pids, Ready, Reply, Request};
 use super::{send_ready, virtiofsd};
+use crate::cgroup::Placement;
 use crate::proc::ProcessId;
 
 /// After the graceful timeout: SIGTERM, then this long before SIGKILL.
@@ -63,6 +64,8 @@ struct Shared {
     stop_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The plugin died before confirming the start: nobody will destroy us.
     abandoned: std::sync::atomic::AtomicBool,
+    /// OOM kills in the task's cgroup before this VMM started.
+    oom_kills_before: u64,
 }
 
 impl Shared {
@@ -166,9 +169,19 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
     let events = EventLog::new(&spec.task_dir);
     let env = spec.env.clone();
     let identity = ChildIdentity::new(spec.vmm_uid, spec.vmm_gid, &spec.vmm_groups);
+    // virtiofsd and the VMM start in the task's cgroup, where there is one.
+    let placement = spec.hold.cgroup.as_deref().and_then(|cg| match Placement::open(cg) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            events.emit(format!("{}: the VM runs without Nomad's resource limits", crate::service::status::chain(&e)));
+            None
+        }
+    });
+    let oom_kills_before = spec.hold.cgroup.as_deref().map(crate::cgroup::oom_kills).unwrap_or(0);
 
     let t0 = std::time::Instant::now();
-    let mut shares = match virtiofsd::start_all(&spec.virtiofsd, &spec.work_dir, &spec.task_dir, &env).await {
+    let started = virtiofsd::start_all(&spec.virtiofsd, &spec.work_dir, &spec.task_dir, &env, placement.as_ref()).await;
+    let mut shares = match started {
         Ok(v) => v,
         Err(e) => {
             send_ready(ready, &Ready::Failed { error: crate::service::status::chain(&e) });
@@ -193,7 +206,7 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
     };
 
     let t1 = std::time::Instant::now();
-    let mut vmm = match spawn_vmm(&spec, &identity) {
+    let mut vmm = match spawn_vmm(&spec, &identity, placement.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             virtiofsd::stop_all(&mut shares, Duration::from_secs(1)).await;
@@ -255,6 +268,7 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
         stop: Mutex::new(None),
         stop_task: Mutex::new(None),
         abandoned: std::sync::atomic::AtomicBool::new(false),
+        oom_kills_before,
     });
     tokio::spawn(watch_commit(shared.clone()));
     if !shared.spec.stop_without_agent_after.is_zero() {
@@ -291,7 +305,11 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
     0
 }
 
-fn spawn_vmm(spec: &LaunchSpec, identity: &ChildIdentity) -> Result<tokio::process::Child, String> {
+fn spawn_vmm(
+    spec: &LaunchSpec,
+    identity: &ChildIdentity,
+    placement: Option<&Placement>,
+) -> Result<tokio::process::Child, String> {
     let run = spec.runner.join("bin/microvm-run");
     let mut cmd = Command::new(&run);
     cmd.current_dir(&spec.work_dir)
@@ -303,6 +321,10 @@ fn spawn_vmm(spec: &LaunchSpec, identity: &ChildIdentity) -> Result<tokio::proce
         // Its own group: a stop reaches every helper the runner started.
         .process_group(0)
         .kill_on_drop(false);
+    // Joining the cgroup needs root: before the identity switch.
+    if let Some(p) = placement {
+        p.apply(&mut cmd);
+    }
     identity.apply(&mut cmd);
     cmd.spawn().map_err(|e| format!("cannot start {}: {e}", run.display()))
 }
@@ -414,8 +436,21 @@ async fn finish(
         (None, Some(sig)) => (128 + sig, sig),
         (None, None) => (-1, 0),
     };
-    let record = ExitRecord { exit_code, signal, oom_killed: false, requested, reason, at_ms: protocol::now_ms() };
+    // Everything of the VM is gone: the cgroup can say whether the kernel's
+    // OOM killer ended it, and then go.
+    let cgroup = shared.spec.hold.cgroup.as_deref();
+    let oom_killed =
+        signal == libc::SIGKILL && cgroup.is_some_and(|cg| crate::cgroup::oom_kills(cg) > shared.oom_kills_before);
+    if let Some(cg) = cgroup.map(Path::to_path_buf) {
+        let _ = tokio::task::spawn_blocking(move || crate::cgroup::remove(&cg, Duration::from_secs(2))).await;
+    }
+    let reason = match (oom_killed, reason) {
+        (true, None) => Some("the VM used more memory than the task's limit and was killed by the OOM killer".into()),
+        (_, reason) => reason,
+    };
+    let record = ExitRecord { exit_code, signal, oom_killed, requested, reason, at_ms: protocol::now_ms() };
     shared.events.emit(match signal {
+        _ if oom_killed => "VM killed by the OOM killer: raise the task's memory (or memory_max)".to_string(),
         0 => format!("VM exited with code {exit_code}"),
         s => format!("VM killed by signal {s}"),
     });

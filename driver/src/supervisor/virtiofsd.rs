@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 use super::protocol::VirtiofsdLaunch;
+use crate::cgroup::Placement;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtiofsdError {
@@ -46,10 +47,11 @@ pub async fn start_all(
     work_dir: &Path,
     log_dir: &Path,
     env: &[(String, String)],
+    placement: Option<&Placement>,
 ) -> Result<Vec<Running>, VirtiofsdError> {
     let mut running = Vec::new();
     for launch in launches {
-        match start_one(launch, work_dir, log_dir, env) {
+        match start_one(launch, work_dir, log_dir, env, placement) {
             Ok(r) => running.push(r),
             Err(e) => {
                 stop_all(&mut running, Duration::from_secs(1)).await;
@@ -76,6 +78,7 @@ fn start_one(
     work_dir: &Path,
     log_dir: &Path,
     env: &[(String, String)],
+    placement: Option<&Placement>,
 ) -> Result<Running, VirtiofsdError> {
     let tag = launch.tag.clone();
     std::fs::create_dir_all(&launch.source).map_err(|source| VirtiofsdError::Source {
@@ -94,17 +97,19 @@ fn start_one(
     let log = std::fs::File::create(log_path(log_dir, &tag)).map_err(spawn_err)?;
     let log2 = log.try_clone().map_err(spawn_err)?;
     let (program, args) = launch.argv.split_first().ok_or_else(|| spawn_err(std::io::Error::other("empty command")))?;
-    let child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .current_dir(work_dir)
         .env_clear()
         .envs(env.iter().cloned())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(spawn_err)?;
+        .kill_on_drop(false);
+    if let Some(p) = placement {
+        p.apply(&mut cmd);
+    }
+    let child = cmd.spawn().map_err(spawn_err)?;
     Ok(Running { tag, child })
 }
 

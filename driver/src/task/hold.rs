@@ -20,6 +20,9 @@ pub struct HostHold {
     /// Taps and macvtaps we created.
     pub interfaces: Vec<String>,
     pub gcroot: Option<PathBuf>,
+    /// The task's own cgroup (v2 hosts), see `crate::cgroup`.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 impl HostHold {
@@ -51,6 +54,9 @@ impl HostHold {
             claims::release(&self.state_dir, &work_claim, &self.task_dir);
         }
         let _ = std::fs::remove_dir_all(&self.task_dir);
+        if let Some(cgroup) = &self.cgroup {
+            crate::cgroup::remove(cgroup, std::time::Duration::from_secs(2));
+        }
     }
 }
 
@@ -81,6 +87,7 @@ mod tests {
             slug: "w".into(),
             interfaces: vec!["tap-a".into(), "tap-b".into()],
             gcroot: None,
+            cgroup: None,
         };
         hold.release(&net);
         assert_eq!(net.calls(), vec![NetCall::DeleteLink("tap-a".into())]);

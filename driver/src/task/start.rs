@@ -36,6 +36,7 @@ struct Undo {
     claims: Vec<String>,
     paths: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
+    cgroup: Option<PathBuf>,
 }
 
 pub(super) async fn start(tasks: &Arc<Tasks>, task: &ProtoTaskConfig) -> Result<DriverState, TaskError> {
@@ -145,6 +146,8 @@ async fn prepare(
     }
 
     let taps_ms = taps_started.elapsed().as_millis() as u64;
+    let cgroup = task_cgroup(tasks, task);
+    undo.cgroup.clone_from(&cgroup);
     // 5. The supervisor boots the VM.
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let nofile = crate::supervisor::identity::virtiofsd_nofile();
@@ -187,6 +190,7 @@ async fn prepare(
             slug: paths.slug.clone(),
             interfaces: runner.taps.iter().cloned().chain(runner.macvtaps.iter().map(|m| m.id.clone())).collect(),
             gcroot: gcroot.clone(),
+            cgroup: cgroup.clone(),
         },
         plugin: crate::proc::ProcessId::of(std::process::id() as i32),
         stop_without_agent_after: config.stop_without_agent_after,
@@ -217,6 +221,7 @@ async fn prepare(
         taps: runner.taps.clone(),
         macvtaps: runner.macvtaps.iter().map(|m| m.id.clone()).collect(),
         gcroot,
+        cgroup,
         supervisor: pids.supervisor,
         vmm: pids.vmm,
         started_at_ms: protocol::now_ms(),
@@ -235,6 +240,28 @@ fn rollback(tasks: &Tasks, config: &PluginConfig, paths: &TaskPaths, undo: Undo)
     }
     for d in &undo.dirs {
         let _ = std::fs::remove_dir_all(d);
+    }
+    if let Some(cg) = &undo.cgroup {
+        crate::cgroup::remove(cg, std::time::Duration::ZERO);
+    }
+}
+
+/// The task's own cgroup with Nomad's memory limit for it, where the host
+/// has one for it (cgroup v2, see `crate::cgroup`). A cgroup that cannot be
+/// made is reported and the VM runs without it, as it would on a v1 host.
+fn task_cgroup(tasks: &Tasks, task: &ProtoTaskConfig) -> Option<PathBuf> {
+    let linux = task.resources.as_ref()?.linux_resources.as_ref()?;
+    let path = crate::cgroup::task_cgroup(&linux.cpuset_cgroup)?;
+    let limit = u64::try_from(linux.memory_limit_bytes).ok();
+    match crate::cgroup::create(&path, limit) {
+        Ok(()) => Some(path),
+        Err(e) => {
+            tasks.emit(
+                task,
+                format!("{}: the VM runs without Nomad's resource limits", crate::service::status::chain(&e)),
+            );
+            None
+        }
     }
 }
 

@@ -25,6 +25,10 @@ pub struct DriverState {
     pub taps: Vec<String>,
     pub macvtaps: Vec<String>,
     pub gcroot: Option<PathBuf>,
+    /// The task's own cgroup, on cgroup v2 hosts (absent in handles of
+    /// drivers before cgroups).
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
     pub supervisor: Option<ProcessId>,
     pub vmm: Option<ProcessId>,
     /// Unix time in milliseconds.
@@ -53,6 +57,7 @@ impl DriverState {
             slug: self.slug.clone(),
             interfaces: self.taps.iter().chain(&self.macvtaps).cloned().collect(),
             gcroot: self.gcroot.clone(),
+            cgroup: self.cgroup.clone(),
         }
     }
 
@@ -86,6 +91,7 @@ mod tests {
             taps: vec!["vm-web".into()],
             macvtaps: vec![],
             gcroot: Some("/nix/var/nix/gcroots/nomad-microvm/web-vm-0badc0de".into()),
+            cgroup: Some("/sys/fs/cgroup/nomad.slice/share.slice/0123abcd.vm.scope".into()),
             supervisor: Some(ProcessId { pid: 42, start_time: 1000 }),
             vmm: Some(ProcessId { pid: 43, start_time: 1001 }),
             started_at_ms: 1_700_000_000_000,
@@ -96,6 +102,15 @@ mod tests {
     fn round_trips() {
         let s = sample();
         assert_eq!(DriverState::decode(HANDLE_VERSION, &s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn handles_from_before_cgroups_still_decode() {
+        let mut json: serde_json::Value = serde_json::from_slice(&sample().encode()).unwrap();
+        json.as_object_mut().unwrap().remove("cgroup");
+        let old = DriverState::decode(HANDLE_VERSION, &serde_json::to_vec(&json).unwrap()).unwrap();
+        assert_eq!(old.cgroup, None);
+        assert_eq!(old.hold().cgroup, None);
     }
 
     #[test]
