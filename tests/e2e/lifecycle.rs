@@ -234,12 +234,14 @@ fn vm_survives_plugin_crash_and_agent_restarts_then_stops_cleanly() {
     assert_eq!(w.agent.api(&format!("/v1/allocation/{alloc}"))["TaskStates"]["vm"]["State"], "running");
 
     // 2. graceful agent restart (the agent kills its plugin; a new one recovers).
+    // The agent log is appended to across restarts: count the recoveries.
+    let recoveries = |agent: &microvm_e2e::Agent| agent.log().matches("recovered task").count();
+    let before = recoveries(&w.agent);
     w.agent.stop();
     assert_eq!(vmm_pid(&w, "rec"), vmm, "the VM outlives the agent");
     w.agent.restart();
     wait_until("the task to be recovered", Duration::from_secs(60), Duration::from_millis(500), || {
-        let log = w.agent.log();
-        if log.contains("recovered task") { Ok(()) } else { Err("no recovery logged yet".to_string()) }
+        if recoveries(&w.agent) > before { Ok(()) } else { Err("no new recovery logged yet".to_string()) }
     });
     assert_eq!(vmm_pid(&w, "rec"), vmm, "same VM after the agent restart");
 
@@ -258,6 +260,7 @@ fn vm_survives_plugin_crash_and_agent_restarts_then_stops_cleanly() {
     });
     let events = w.agent.task_events(&alloc, "vm");
     assert!(events.contains("VM exited with code 0"), "{events}");
+    assert!(events.contains("Terminated: Exit Code: 0"), "Nomad got the exit code: {events}");
     // Printed after all the restarts: the console still reaches `nomad alloc logs`.
     let console = w.agent.alloc_logs(&alloc, "vm", false);
     assert!(console.contains("microvm-test-guest: graceful shutdown"), "{console}");
@@ -297,4 +300,48 @@ fn a_runner_missing_on_the_node_is_fetched_from_the_binary_cache() {
     assert!(events.contains("runner not on this node: fetching"), "{events}");
     assert!(events.contains(&format!("fetched the runner from {cache}")), "{events}");
     assert!(runner.exists());
+
+    // A runner the cache does not have either: the task fails saying so,
+    // with the cache it tried, and leaves nothing behind.
+    let absent = "/nix/store/00000000000000000000000000000000-microvm-qemu-absent";
+    assert!(w.run_vm_job("absent", std::path::Path::new(absent), 0).status.success());
+    let events = w.agent.wait_failed("absent", "vm");
+    assert!(events.contains("runner not on this node: fetching"), "{events}");
+    assert!(events.contains(&format!("cannot fetch runner {absent} from {cache}")), "{events}");
+    let tasks = std::fs::read_dir(w.state_dir.join("tasks")).unwrap().count();
+    assert_eq!(tasks, 1, "only fe's task dir: the failed start left none");
+}
+
+#[test]
+fn a_guest_that_ignores_the_shutdown_is_killed_after_the_kill_timeout() {
+    if !require_root("a_guest_that_ignores_the_shutdown_is_killed_after_the_kill_timeout") {
+        return;
+    }
+    let w = World::new("hang", true, "");
+    let runner = w.runner("hang", 42, &[]);
+    let job =
+        microvm_e2e::vm::vm_job("hang", &runner, 0, "").replace("kill_timeout = \"25s\"", "kill_timeout = \"4s\"");
+    assert!(w.agent.run_job("hang", &job).status.success());
+    let alloc = w.agent.wait_running("hang", "vm", BOOT);
+    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    std::fs::write(w.work_dir("hang").join("data/ignore-shutdown"), b"").unwrap();
+
+    w.agent.nomad_ok(&["job", "stop", "-detach", "hang"]);
+    wait_until("the alloc to complete", Duration::from_secs(60), Duration::from_millis(500), || {
+        let a = w.agent.api(&format!("/v1/allocation/{alloc}"));
+        if a["ClientStatus"] == "complete" { Ok(()) } else { Err(a["ClientStatus"].to_string()) }
+    });
+    let console = w.agent.alloc_logs(&alloc, "vm", false);
+    assert!(console.contains("microvm-test-guest: ignoring the shutdown request"), "{console}");
+    assert!(!console.contains("microvm-test-guest: graceful shutdown"), "{console}");
+    let events = w.agent.task_events(&alloc, "vm");
+    assert!(events.contains("graceful shutdown: running microvm-shutdown"), "{events}");
+    assert!(events.contains("graceful shutdown timed out after 4s, killing"), "{events}");
+    // qemu exits 0 on SIGTERM, saying so on its stderr.
+    let stderr = w.agent.alloc_logs(&alloc, "vm", true);
+    assert!(stderr.contains("terminating on signal 15"), "SIGTERM ended qemu: {stderr}");
+    wait_until("cleanup", Duration::from_secs(20), Duration::from_millis(500), || {
+        let left = microvm_e2e::vm::leftovers(&w.netns, &w.state_dir, "hang");
+        if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) }
+    });
 }

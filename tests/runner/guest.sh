@@ -31,6 +31,8 @@
 #   reboot-request      created by a test: pid 1 polls every second; when present it deletes
 #                       it, prints "microvm-test-guest: rebooting on request", syncs,
 #                       unmounts and does `reboot -f` (qemu -no-reboot then exits 0).
+#   ignore-shutdown     created by a test: a graceful stop request is answered with
+#                       "microvm-test-guest: ignoring the shutdown request" and nothing else.
 # Console shell: an interactive busybox sh on ttyS0 (setsid cttyhack, respawned), so a test
 # can type commands into qemu's stdin. pid 1 stays this init script.
 # Graceful stop: Ctrl+Alt+Del (QMP input-send-event, as microvm.nix's microvm-shutdown does)
@@ -182,7 +184,11 @@ stop_all() { # $1 = poweroff|reboot
   "$1" -f
   sleep 5
 }
-graceful() { trap '' INT TERM; say "graceful shutdown"; stop_all poweroff; }
+graceful() {
+  # A guest that hangs in its shutdown, for tests of the driver's escalation.
+  if [ -n "$FIRST" ] && [ -e "$FIRST/ignore-shutdown" ]; then say "ignoring the shutdown request"; return; fi
+  trap '' INT TERM; say "graceful shutdown"; stop_all poweroff
+}
 trap graceful INT TERM
 [ -n "$SHUTDOWN_PENDING" ] && graceful
 
