@@ -23,9 +23,22 @@ use std::process::Command;
 
 /// Where confined nix may read (and execute): the system, as nix, git, tar
 /// and the shell need it (programs, libraries, `/etc/nix`, TLS roots, DNS
-/// config), and process information.
-pub const READ_ONLY: &[&str] =
-    &["/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sys"];
+/// config), and process information. On NixOS `/etc/resolv.conf` is often a
+/// link into `/run/systemd/resolve`, and name lookups go through nscd.
+pub const READ_ONLY: &[&str] = &[
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/sys",
+    "/run/systemd/resolve",
+    "/run/nscd",
+];
 
 /// Where it may also write: the store (writes there are the daemon's or
 /// root's anyway) and devices (`/dev/null`, `/dev/shm`).
