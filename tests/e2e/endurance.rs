@@ -41,6 +41,15 @@ fn twenty_agent_restarts_lose_no_vm() {
         }
         assert_eq!(vmms(&w), before, "round {round}: the same VMM processes");
     }
+    // A reattach that failed in a late round would show up after the loop:
+    // give it time, then the VMs must still be the same, each started once.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(vmms(&w), before, "the same VMM processes after the last restart");
+    for a in &allocs {
+        let events = w.agent.task_events(a, "vm");
+        assert_eq!(events.matches("Started: Task started by client").count(), 1, "started once: {events}");
+        assert!(!events.contains("Restarting"), "{events}");
+    }
 
     for h in hosts {
         w.agent.nomad_ok(&["job", "stop", "-detach", h]);
@@ -52,6 +61,7 @@ fn twenty_agent_restarts_lose_no_vm() {
         });
         let events = w.agent.task_events(a, "vm");
         assert!(events.contains("VM exited with code 0"), "{events}");
+        assert!(events.contains("Terminated: Exit Code: 0"), "{events}");
     }
     assert!(vmms(&w).iter().all(|p| p.is_empty()));
 }
@@ -72,12 +82,22 @@ async fn hundred_start_stop_cycles_leak_nothing() {
     let cycle = |i: u32| {
         let mut driver = driver.clone();
         let runner = runner.clone();
+        let state_dir = state_dir.clone();
         async move {
             let task = vm_task("cccccccc-0000-0000-0000-000000000000", "cycles", i, &runner);
             let id = task.id.clone();
             let handle = driver.start_task(StartTaskRequest { task: Some(task) }).await;
             let handle = handle.unwrap_or_else(|e| panic!("cycle {i}: StartTask: {}", e.message()));
             assert!(handle.into_inner().handle.is_some());
+            if i == 0 {
+                // The GC root exists while the task lives, so "none left" below means removed.
+                let roots = std::fs::read_dir("/nix/var/nix/gcroots/nomad-microvm").map(|d| {
+                    d.flatten()
+                        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&state_dir)))
+                        .count()
+                });
+                assert_eq!(roots.ok(), Some(1), "one GC root for the running task");
+            }
             driver
                 .stop_task(StopTaskRequest { task_id: id.clone(), timeout: None, signal: String::new() })
                 .await
