@@ -25,6 +25,8 @@
 #   --vsock-cid N            write share/microvm/vsock-cid, add -device vhost-vsock-pci,guest-cid=N
 #                            (qemu then needs /dev/vhost-vsock) and microvm.vsock=1 for the guest
 #   --guest-vsock            only tell the guest to load its vsock modules (microvm.vsock=1)
+#   --vsock-cid-file N       only write share/microvm/vsock-cid (no device: boots without
+#                            /dev/vhost-vsock; the host then has no way to reach that CID)
 #   --append 'ARGS'          extra kernel command-line words
 #   --socket-group G         virtiofsd --socket-group (default kvm)
 #   --legacy                 old layout (≤ v0.5.0): no bin/tap-up, tap-down, virtiofsd-run
@@ -63,7 +65,7 @@ all_args=("$@")
 
 die() { echo "make-runner.sh: $*" >&2; exit 2; }
 
-outdir= name= hv=qemu mem=256 vcpu=1 accel=tcg guest_ip= ping= vsock_cid= guest_vsock=
+outdir= name= hv=qemu mem=256 vcpu=1 accel=tcg guest_ip= ping= vsock_cid= guest_vsock= vsock_cid_file=
 append= socket_group=kvm legacy= hv_file=1 tap_flags_file=1 sandbox=1 store=
 kernel= initrd= virtiofsd= emit_to= faithful_rlimit=
 shares=() taps=()
@@ -80,6 +82,7 @@ while (($#)); do
     --ping) ping=$2; shift 2 ;;
     --vsock-cid) vsock_cid=$2; shift 2 ;;
     --guest-vsock) guest_vsock=1; shift ;;
+    --vsock-cid-file) vsock_cid_file=$2; shift 2 ;;
     --append) append=$2; shift 2 ;;
     --socket-group) socket_group=$2; shift 2 ;;
     --legacy) legacy=1; shift ;;
@@ -102,6 +105,8 @@ done
 [[ -n $outdir || -n $emit_to ]] || die "OUTDIR is required"
 [[ $mem =~ ^[0-9]+$ && $vcpu =~ ^[0-9]+$ && $vcpu -ge 1 ]] || die "bad --mem/--vcpu"
 [[ -z $vsock_cid || $vsock_cid =~ ^[0-9]+$ ]] || die "bad --vsock-cid"
+[[ -z $vsock_cid_file || $vsock_cid_file =~ ^[0-9]+$ ]] || die "bad --vsock-cid-file"
+[[ -z $vsock_cid || -z $vsock_cid_file ]] || die "--vsock-cid and --vsock-cid-file exclude each other"
 case $hv in
   qemu|cloud-hypervisor|firecracker|crosvm|kvmtool|stratovirt|alioth|vfkit) ;;
   *) die "unknown hypervisor $hv" ;;
@@ -182,6 +187,7 @@ emit() {
     echo "$src" > "$sm/virtiofs/$tag/source"
   done
   [[ -n $vsock_cid ]] && echo "$vsock_cid" > "$sm/vsock-cid"
+  [[ -n $vsock_cid_file ]] && echo "$vsock_cid_file" > "$sm/vsock-cid"
 
   # -- bin/microvm-run
   local run=$out/bin/microvm-run

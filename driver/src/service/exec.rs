@@ -125,28 +125,49 @@ pub async fn run_once(tasks: &Tasks, task_id: &str, command: &[String], timeout:
     }
 }
 
+/// Nomad's CLI sends a heartbeat every 10 s. The agent does not tell us when
+/// the CLI is gone (it only notices when a write to it fails, and a quiet
+/// console writes nothing), so a session silent for this long has ended.
+const SESSION_SILENCE: Duration = Duration::from_secs(30);
+
+/// How a session's input side ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputEnd {
+    /// The session closed its stdin (or the stream ended): output may go on.
+    Closed,
+    /// Nothing came, not even heartbeats: nobody is there any more.
+    Gone,
+}
+
 /// Copies the session's stdin into `to` and `from` into its stdout until
-/// either side ends.
+/// either side ends, or the session goes silent; says whether it went silent.
 async fn relay(
     mut inbound: Streaming<ExecTaskStreamingRequest>,
     mut to: impl AsyncWrite + Unpin + Send + 'static,
     mut from: impl AsyncRead + Unpin,
     out: &Out,
-) {
-    let typing = tokio::spawn(async move {
-        while let Ok(Some(msg)) = inbound.message().await {
+) -> InputEnd {
+    let mut typing = tokio::spawn(async move {
+        let end = loop {
+            let msg = match tokio::time::timeout(SESSION_SILENCE, inbound.message()).await {
+                Err(_) => break InputEnd::Gone,
+                Ok(Ok(Some(msg))) => msg,
+                Ok(_) => break InputEnd::Closed,
+            };
             if let Some(stdin) = msg.stdin {
                 if !stdin.data.is_empty() && to.write_all(&stdin.data).await.is_err() {
-                    break;
+                    break InputEnd::Closed;
                 }
                 if stdin.close {
-                    break;
+                    break InputEnd::Closed;
                 }
             }
             // tty_size and empty heartbeats need nothing: the console has no size.
-        }
+        };
         let _ = to.shutdown().await;
+        end
     });
+    let mut input_end = None;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         tokio::select! {
@@ -158,10 +179,18 @@ async fn relay(
                     }
                 }
             },
+            end = &mut typing, if input_end.is_none() => {
+                let end = end.unwrap_or(InputEnd::Closed);
+                input_end = Some(end);
+                if end == InputEnd::Gone {
+                    break;
+                }
+            }
             _ = out.closed() => break,
         }
     }
     typing.abort();
+    input_end.unwrap_or(InputEnd::Closed)
 }
 
 /// `'text'` for sh, which runs ssh's ProxyCommand.
@@ -222,7 +251,10 @@ async fn guest_command(
             }
         }
     });
-    relay(inbound, stdin, stdout_pipe, out).await;
+    if relay(inbound, stdin, stdout_pipe, out).await == InputEnd::Gone {
+        // Nobody reads the answer: end the command rather than let it run on.
+        let _ = child.start_kill();
+    }
     let _ = errors.await;
     let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(1);
     finish(out, code).await;
