@@ -289,8 +289,9 @@ fn cluster_push_spreads_vms_drain_and_node_loss_move_them_never_twice() {
         let lost: Vec<&str> = hosts.iter().copied().filter(|h| placed[*h] == victim).collect();
         assert_eq!(lost.len(), 2, "{victim} runs two VMs: {placed:?}");
         let survivors: Vec<String> = cluster.clients.iter().map(|c| c.name.clone()).filter(|n| *n != victim).collect();
+        let victim_netns = cluster.client(&victim).netns().name.clone();
         cluster.client_mut(&victim).kill();
-        assert!(!cluster.client(&victim).netns_exists());
+        assert!(!std::path::Path::new("/run/netns").join(&victim_netns).exists(), "{victim_netns} deleted");
         for h in &lost {
             wait_until(
                 &format!("{h} to be gone with {victim}"),
@@ -497,6 +498,17 @@ fn a_dead_agent_on_a_live_node_does_not_leave_its_vm_running_beside_the_replacem
     std::thread::sleep(Duration::from_secs(2));
     eprintln!("AGENT CRASH: where {host} ran:\n{}", watch.log());
     assert_eq!(watch.max(host), 1, "{host} ran twice:\n{}", watch.log());
+    // The old VM shut down gracefully on its own: its supervisor's record
+    // on the agentless node (nobody destroyed the task there) says so.
+    let tasks = cluster.client(&node).state_dir.join("tasks");
+    let events: String = std::fs::read_dir(&tasks)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("events.jsonl")).ok())
+        .collect();
+    assert!(events.contains("no Nomad agent has been connected"), "{events}");
+    assert!(events.contains("graceful shutdown: running microvm-shutdown"), "{events}");
+    assert!(events.contains("VM exited with code 0"), "{events}");
 }
 
 /// gitfront in the server's namespace, writing jobs with this file's stop
