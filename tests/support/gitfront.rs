@@ -353,13 +353,17 @@ pub struct Host {
     pub mem: u32,
     /// A build that fails with "deliberate build failure".
     pub broken: bool,
+    /// make-runner.sh's `--hypervisor`: `qemu` boots; the others are
+    /// layout-only runners whose microvm-run says "not bootable here" and
+    /// exits 1.
+    pub hypervisor: String,
     /// Extra attributes of the runner derivation: (name, Nix expression).
     pub env: Vec<(String, String)>,
 }
 
 impl Host {
     pub fn new(name: &str, ip: u8) -> Host {
-        Host { name: name.into(), ip, mem: 256, broken: false, env: Vec::new() }
+        Host { name: name.into(), ip, mem: 256, broken: false, hypervisor: "qemu".into(), env: Vec::new() }
     }
 
     pub fn mem(mut self, mem: u32) -> Host {
@@ -369,6 +373,12 @@ impl Host {
 
     pub fn broken(mut self) -> Host {
         self.broken = true;
+        self
+    }
+
+    /// A runner that builds but cannot boot (e.g. `cloud-hypervisor`).
+    pub fn hypervisor(mut self, hv: &str) -> Host {
+        self.hypervisor = hv.into();
         self
     }
 
@@ -411,8 +421,8 @@ fn inputs() -> &'static Inputs {
 
 /// A flake with no inputs: `nixosConfigurations.<host>.config.microvm`
 /// with `declaredRunner` (make-runner.sh's `--emit-to` mode run as the
-/// builder: a bootable qemu runner on the test bridge with a `data` share),
-/// `vcpu` and `mem`.
+/// builder: a runner of the host's hypervisor — bootable for qemu — on the
+/// test bridge with a `data` share), `vcpu` and `mem`.
 ///
 /// The store paths it builds from are strings with their store context
 /// added (`builtins.appendContext`, allowed in pure evaluation unlike
@@ -437,7 +447,10 @@ pub fn flake_nix_with(hosts: &[Host], inputs_nix: &str) -> String {
             )
         } else {
             let extra: String = h.env.iter().map(|(n, e)| format!("{n} = {e}; ")).collect();
-            format!("runner {{ host = \"{}\"; ip = {}; mem = {}; extra = {{ {extra}}}; }}", h.name, h.ip, h.mem)
+            format!(
+                "runner {{ host = \"{}\"; hv = \"{}\"; ip = {}; mem = {}; extra = {{ {extra}}}; }}",
+                h.name, h.hypervisor, h.ip, h.mem
+            )
         };
         configs += &format!(
             "      {name}.config.microvm = {{\n        declaredRunner = {runner};\n        vcpu = 1;\n        mem = {mem};\n      }};\n",
@@ -455,12 +468,12 @@ pub fn flake_nix_with(hosts: &[Host], inputs_nix: &str) -> String {
       kernel = store "{kernel}";
       initrd = store "{initrd}";
       virtiofsd = store "{virtiofsd}";
-      runner = {{ host, ip, mem, extra }}: derivation ({{
-        name = "microvm-qemu-${{host}}";
+      runner = {{ host, hv, ip, mem, extra }}: derivation ({{
+        name = "microvm-${{hv}}-${{host}}";
         system = "x86_64-linux";
         builder = "/bin/bash";
         PATH = "/usr/bin:/bin:/usr/sbin:/sbin";
-        args = [ script "--hostname" host "--tap" "vm-${{host}}" "--share" "data:data"
+        args = [ script "--hostname" host "--hypervisor" hv "--tap" "vm-${{host}}" "--share" "data:data"
           "--guest-ip" "192.0.2.${{toString ip}}/24" "--ping" "192.0.2.1" "--mem" (toString mem)
           "--kernel" kernel "--initrd" initrd "--virtiofsd" virtiofsd
           "--emit-to" (builtins.placeholder "out") ];
