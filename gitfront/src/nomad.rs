@@ -131,6 +131,15 @@ pub struct Allocation {
     pub desired_status: String,
     pub create_index: u64,
     pub task_states: Option<BTreeMap<String, TaskState>>,
+    /// Set once the allocation is part of a deployment and its health is
+    /// known (`Healthy` stays null until then).
+    pub deployment_status: Option<AllocDeploymentStatus>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AllocDeploymentStatus {
+    pub healthy: Option<bool>,
 }
 
 impl Allocation {
@@ -145,6 +154,19 @@ impl Allocation {
     pub fn task(&self, name: &str) -> Option<&TaskState> {
         self.task_states.as_ref().and_then(|t| t.get(name))
     }
+
+    /// What the deployment made of it: `Some(true)` once its tasks ran for
+    /// the update's `MinHealthyTime`, `Some(false)` once it failed.
+    pub fn healthy(&self) -> Option<bool> {
+        self.deployment_status.as_ref().and_then(|d| d.healthy)
+    }
+}
+
+impl TaskState {
+    /// The last event of one of `kinds`.
+    pub fn last_event(&self, kinds: &[&str]) -> Option<&TaskEvent> {
+        self.events.iter().flatten().rev().find(|e| kinds.contains(&e.kind.as_str()))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -156,7 +178,7 @@ pub struct TaskState {
     pub events: Option<Vec<TaskEvent>>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct TaskEvent {
     #[serde(rename = "Type")]
@@ -234,8 +256,10 @@ impl Client {
         }
         .map_err(map_err)?;
         let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().map_err(map_err)?;
-        Ok((status, text))
+        // Lossy: a log tail may begin inside a UTF-8 sequence (Nomad's JSON
+        // is UTF-8 anyway).
+        let bytes = response.body_mut().read_to_vec().map_err(map_err)?;
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
     }
 
     fn with_auth<B>(&self, mut req: ureq::RequestBuilder<B>, namespace: Option<&str>) -> ureq::RequestBuilder<B> {
@@ -355,6 +379,25 @@ impl Client {
     pub fn stop(&self, namespace: &str, job: &str) -> Result<Option<String>, NomadError> {
         let r: Option<Registered> = self.json("DELETE", &format!("/v1/job/{job}"), Some(namespace), None)?;
         Ok(r.map(|r| r.eval_id))
+    }
+
+    /// The last (at most) `bytes` bytes of a task's `stdout` or `stderr`
+    /// log, as text. Nomad's server forwards this to the allocation's
+    /// client; the token needs `read-logs`.
+    pub fn task_log_tail(
+        &self,
+        namespace: &str,
+        alloc: &str,
+        task: &str,
+        stream: &'static str,
+        bytes: u64,
+    ) -> Result<String, NomadError> {
+        let path = format!("/v1/client/fs/logs/{alloc}?task={task}&type={stream}&origin=end&offset={bytes}&plain=true");
+        let (status, text) = self.call("GET", &path, Some(namespace), None)?;
+        if !(200..300).contains(&status) {
+            return Err(NomadError::Refused { method: "GET", path, status, message: message(&text) });
+        }
+        Ok(text)
     }
 
     /// The jobs in `namespace`.
@@ -490,6 +533,48 @@ mod tests {
         };
         let e = Client::new(&cfg).err().unwrap();
         assert_eq!(e.to_string(), "cannot read the Nomad token from /nonexistent/token");
+    }
+
+    #[test]
+    fn task_log_tail_asks_for_the_end_of_the_stream() {
+        let (addr, seen) = serve_once(200, "line 1\nnot bootable here\n");
+        let text = client(&addr).task_log_tail("alice-fleet", "a1", "vm", "stderr", 4096).unwrap();
+        assert_eq!(text, "line 1\nnot bootable here\n");
+        let req = seen.recv().unwrap();
+        assert!(
+            req.starts_with(
+                "GET /v1/client/fs/logs/a1?task=vm&type=stderr&origin=end&offset=4096&plain=true&namespace=alice-fleet HTTP/1.1"
+            ),
+            "{req}"
+        );
+        let (addr, _seen) = serve_once(403, "Permission denied");
+        let e = client(&addr).task_log_tail("ns", "a1", "vm", "stderr", 10).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Nomad refused GET /v1/client/fs/logs/a1?task=vm&type=stderr&origin=end&offset=10&plain=true (HTTP 403): Permission denied"
+        );
+    }
+
+    #[test]
+    fn allocation_health_and_events() {
+        let a: Allocation = serde_json::from_value(serde_json::json!({
+            "ID": "a1", "ClientStatus": "running", "DeploymentStatus": {"Healthy": null, "Timestamp": "0001-01-01T00:00:00Z"},
+            "TaskStates": {"vm": {"State": "running", "Restarts": 1, "Events": [
+                {"Type": "Terminated", "DisplayMessage": "Exit Code: 1"},
+                {"Type": "Restarting", "DisplayMessage": "Task restarting in 10s"},
+                {"Type": "Started", "DisplayMessage": "Task started by client"}
+            ]}}
+        }))
+        .unwrap();
+        assert_eq!(a.healthy(), None);
+        let t = a.task("vm").unwrap();
+        assert_eq!(t.last_event(&["Terminated", "Started"]).unwrap().kind, "Started");
+        assert_eq!(t.last_event(&["Terminated"]).unwrap().display_message, "Exit Code: 1");
+        assert!(t.last_event(&["Not Restarting"]).is_none());
+        let healthy: Allocation =
+            serde_json::from_value(serde_json::json!({"DeploymentStatus": {"Healthy": true}})).unwrap();
+        assert_eq!(healthy.healthy(), Some(true));
+        assert_eq!(Allocation::default().healthy(), None, "no deployment");
     }
 
     #[test]
