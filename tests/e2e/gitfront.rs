@@ -248,6 +248,126 @@ fn gitfront_failed_build_rejects_only_that_ref() {
     );
 }
 
+/// What happens after registration is reported, not undone: a runner that
+/// builds but cannot boot, and a guest larger than any node. Both refs move
+/// (the branch says what Nomad was asked to run).
+#[test]
+fn gitfront_failed_deployments_are_reported_and_the_refs_move() {
+    if !require_root("gitfront_failed_deployments_are_reported_and_the_refs_move") {
+        return;
+    }
+    let front_dir = open_tempdir();
+    let w = world("gfdepl", true, front_dir.path());
+    let front = Front::start(w.netns.clone(), front_dir.path(), NOMAD);
+    let ns = "alice-broken";
+    let nodes = w.agent.api("/v1/nodes");
+    let node = w.agent.api(&format!("/v1/node/{}", nodes[0]["ID"].as_str().expect("a node")));
+    let node_name = node["Name"].as_str().expect("node name").to_string();
+    let node_mem = node["NodeResources"]["Memory"]["MemoryMB"].as_u64().expect("node memory") as u32;
+    let big = node_mem + 1024;
+    // Within gitfront's limit, so that Nomad is asked.
+    let config = std::fs::read_to_string(&front.config).unwrap();
+    std::fs::write(&front.config, format!("{config}\n[limits]\nmax_mem = {}\n", big * 2)).unwrap();
+
+    let work = front.workdir("alice", "broken", "broken");
+    let commit = work.commit_flake(
+        &[Host::new("iota", 12).hypervisor("cloud-hypervisor"), Host::new("kappa", 13).mem(big)],
+        "iota cannot boot, kappa fits no node",
+    );
+    let out = work.push(&["main:iota", "main:kappa"]);
+    let log = stderr(&out);
+    // As documented: what happens after registration does not undo it.
+    assert!(out.status.success(), "the push must succeed:\n{log}");
+    let porcelain = text(&out.stdout);
+    for host in ["iota", "kappa"] {
+        assert!(porcelain.contains(&format!("*\trefs/heads/main:refs/heads/{host}\t[new branch]")), "{porcelain}");
+        assert_eq!(front.branch_commit("alice", "broken", host).as_deref(), Some(commit.as_str()));
+    }
+
+    // iota: placed, started, exits 1 each time; Nomad gives up after the
+    // policy's 2 restarts. The push names the node, the allocation, the
+    // task's exit and Nomad's reason, and what the VMM printed.
+    let allocs = nomad::allocs(&w.agent, ns, "iota");
+    // The oldest: Nomad may have rescheduled it meanwhile.
+    let failed = allocs.last().expect("an iota allocation");
+    let failed_id = failed["ID"].as_str().unwrap();
+    assert_eq!(failed["ClientStatus"], "failed", "{failed}");
+    assert_eq!(failed["NodeName"], node_name.as_str());
+    assert_eq!(failed["TaskStates"]["vm"]["Failed"], true);
+    assert_eq!(failed["TaskStates"]["vm"]["Restarts"], 2);
+    let short = &failed_id[..8];
+    assert_contains(
+        &log,
+        &[
+            "-microvm-cloud-hypervisor-iota (1 vCPU, 256 MiB) in ",
+            &format!("remote: [iota] registered job iota version 0 in namespace {ns}"),
+            &format!("remote: [iota] allocation {short} placed on node {node_name}"),
+            "remote: [iota]   Restarting: Task restarting in ",
+            &format!(
+                "remote: [iota] FAILED on node {node_name} (allocation {short}): task vm failed after 2 restarts: \
+                 Exit Code: 1; not restarted: Exceeded allowed attempts 2 in interval 10m0s and mode is \"fail\""
+            ),
+            "line(s) of task vm's stderr:",
+            "remote: [iota]   | microvm-run: cloud-hypervisor runner iota is a layout-only fake, not bootable here",
+            "remote: [iota] the branch moves anyway: job iota version 0 stays registered and Nomad reschedules it; \
+             push a fix, or delete the branch (`git push <remote> :iota`) to stop it",
+        ],
+    );
+    // A VM that exits at once is "running" between each start and exit:
+    // that must not pass for a deployed VM.
+    for wrong in ["[iota] running on node", "[iota] deployment "] {
+        assert!(!log.contains(wrong), "{wrong:?} in:\n{log}");
+    }
+    // Every attempt's events, each once, up to Nomad giving up: more than
+    // the 10 Nomad keeps per task.
+    for (event, n) in [("Started: Task started by client", 3), ("Terminated: Exit Code: 1", 3), ("Not Restarting: ", 1)]
+    {
+        let seen = log.matches(&format!("remote: [iota]   {event}")).count();
+        assert_eq!(seen, n, "{event:?} {seen} times in:\n{log}");
+    }
+
+    // kappa: Nomad cannot place it; its blocked evaluation says why, and
+    // so does the push.
+    let mem_mb = big + 64;
+    assert_contains(
+        &log,
+        &[
+            &format!("-microvm-qemu-kappa (1 vCPU, {big} MiB) in "),
+            &format!("remote: [kappa] registered job kappa version 0 in namespace {ns}"),
+            &format!(
+                "remote: [kappa] cannot place the VM (group vm: 200 MHz CPU, {mem_mb} MiB memory): \
+                 1 node(s) evaluated; 1 out of resources: memory (1)"
+            ),
+            "remote: [kappa] Nomad will place it once a node fits (blocked evaluation ",
+            "remote: [kappa] the branch moves anyway: job kappa version 0 stays registered and waits for a node \
+             that can take it; push a change, or delete the branch (`git push <remote> :kappa`) to drop it",
+        ],
+    );
+    assert!(!log.contains("[kappa] allocation "), "{log}");
+    assert!(nomad::allocs(&w.agent, ns, "kappa").is_empty(), "no kappa allocation");
+    let evals = w.agent.api(&format!("/v1/job/kappa/evaluations?namespace={ns}"));
+    let evals = evals.as_array().unwrap();
+    let blocked = evals.iter().find(|e| e["Status"] == "blocked").expect("a blocked evaluation");
+    assert!(log.contains(&format!("(blocked evaluation {})", &blocked["ID"].as_str().unwrap()[..8])), "{log}");
+    let placed = evals.iter().find(|e| e["FailedTGAllocs"]["vm"].is_object()).expect("the failed placement");
+    let metric = &placed["FailedTGAllocs"]["vm"];
+    assert_eq!(metric["NodesExhausted"], 1, "{metric}");
+    assert_eq!(metric["DimensionExhausted"]["memory"], 1, "{metric}");
+
+    // Deleting both branches stops both jobs (kappa never had a VM).
+    let out = work.push(&[":iota", ":kappa"]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "delete failed:\n{log}");
+    assert_contains(
+        &log,
+        &["remote: [iota] stopped job iota: its VM is gone", "remote: [kappa] stopped job kappa: it had no VM"],
+    );
+    for host in ["iota", "kappa"] {
+        assert_eq!(nomad::job(&w.agent, ns, host)["Stop"], true);
+        assert_eq!(front.branch_commit("alice", "broken", host), None);
+    }
+}
+
 #[test]
 fn gitfront_refuses_and_creates_nothing() {
     if !require_root("gitfront_refuses_and_creates_nothing") {
