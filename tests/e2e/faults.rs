@@ -169,9 +169,9 @@ fn plugin_killed_during_stop_the_stop_still_completes() {
     );
     let console = w.agent.alloc_logs(&alloc, "vm", false);
     assert!(console.contains("microvm-test-guest: graceful shutdown"), "{console}");
-    wait_until("the task dir to be destroyed", Duration::from_secs(60), Duration::from_millis(500), || {
-        let n = std::fs::read_dir(&tasks).map(|d| d.count()).unwrap_or(0);
-        if n == 0 { Ok(()) } else { Err(format!("{n} task dirs")) }
+    wait_until("everything of the task to be gone", Duration::from_secs(60), Duration::from_millis(500), || {
+        let left = leftovers(&w.netns, &w.state_dir, "kp");
+        if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) }
     });
 }
 
@@ -224,4 +224,43 @@ async fn a_start_the_agent_hangs_up_on_leaves_nothing_behind() {
     driver.destroy_task(DestroyTaskRequest { task_id: task.id.clone(), force: true }).await.expect("DestroyTask");
     let after_retry = left().await;
     assert!(after_retry.is_empty(), "left behind after the retry: {after_retry:?}");
+}
+
+/// The plugin dies between committing a start and answering it: the VM is
+/// Nomad's in the supervisor's eyes, but Nomad never got its handle and
+/// starts the task again (a new task id, same alloc and task) on a new
+/// plugin. That start stops the orphan and takes its place: one VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_start_nomad_never_heard_of_is_replaced_by_the_next_start() {
+    if !require_root("a_committed_start_nomad_never_heard_of_is_replaced_by_the_next_start") {
+        return;
+    }
+    let mut w = DirectWorld::new("orphan", "or").await;
+    let alloc = "ffffffff-0000-0000-0000-000000000000";
+    let first = vm_task(alloc, "orphan", 1, &w.runner);
+    w.driver.start_task(StartTaskRequest { task: Some(first.clone()) }).await.expect("StartTask");
+    let orphan_vmm = vmm_pids_under("or", &w.state_dir);
+    assert_eq!(orphan_vmm.len(), 1);
+    // The answer is "lost": the plugin dies, a new one comes up, knowing nothing.
+    w.plugin.process.signal_group(Signal::SIGKILL);
+    let _ = w.plugin.process.wait_exit(Duration::from_secs(10));
+    let again_dir = w.dir.path().join("plugin2");
+    std::fs::create_dir_all(&again_dir).unwrap();
+    let (plugin, mut driver) = microvm_e2e::plugin::configured_plugin(&again_dir, &w.netns, &w.state_dir).await;
+    w.plugin = plugin;
+    assert_eq!(vmm_pids_under("or", &w.state_dir), orphan_vmm, "the committed VM outlives the plugin");
+
+    let second = vm_task(alloc, "orphan", 2, &w.runner);
+    driver.start_task(StartTaskRequest { task: Some(second.clone()) }).await.expect("the next start succeeds");
+    let now = vmm_pids_under("or", &w.state_dir);
+    assert_eq!(now.len(), 1, "one VM: {now:?}");
+    assert_ne!(now, orphan_vmm, "the orphan was replaced");
+    let task_dirs: Vec<_> = std::fs::read_dir(w.state_dir.join("tasks")).unwrap().flatten().collect();
+    assert_eq!(task_dirs.len(), 1, "only the new task's dir");
+    let log = std::fs::read_to_string(&w.plugin.stderr).unwrap_or_default();
+    assert!(log.contains("unknown to Nomad: stopping it"), "{log}");
+
+    driver.destroy_task(DestroyTaskRequest { task_id: second.id.clone(), force: true }).await.expect("DestroyTask");
+    let left = leftovers(&w.netns, &w.state_dir, "or");
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

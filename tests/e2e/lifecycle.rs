@@ -102,6 +102,17 @@ fn vm_boots_logs_shares_pings_and_stops_gracefully() {
     assert!(sockets.is_empty(), "sockets left: {sockets:?}");
     assert!(work.join("data/microvm-marker").exists(), "VM data stays");
     assert!(!nix_roots(&runner).contains("/booted ->"), "GC root removed");
+
+    // The same job run again on this node gets the same work dir back, with
+    // what the guest wrote there (volumes, shares): this is its second boot.
+    let out = w.run_vm_job("alpha", &runner, 0);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the VM's second boot", BOOT, Duration::from_millis(500), || {
+        let m = std::fs::read_to_string(work.join("data/microvm-marker")).unwrap_or_default();
+        if m.contains("boot=2") { Ok(()) } else { Err(m) }
+    });
+    assert_eq!(w.work_dir("alpha"), work, "the same work dir");
+    w.agent.nomad_ok(&["job", "stop", "-detach", "alpha"]);
 }
 
 /// `nix-store --query --roots`: what keeps a store path alive.
@@ -121,21 +132,43 @@ fn two_vms_at_once_each_with_its_own_tap_and_share() {
     if !require_root("two_vms_at_once_each_with_its_own_tap_and_share") {
         return;
     }
-    let w = World::new("two", true, "");
-    let r1 = w.runner("one", 11, &[]);
+    let w = World::new("two", true, "    allowed_bridges = [\"br1\"]\n");
+    // The second VM is on a bridge of its own, named by its task config
+    // instead of the plugin's default_bridge (br0), with its own subnet.
+    w.netns.add_bridge("br1", "192.0.2.129/25");
+    // The first one with two vCPUs: microvm.nix then asks for a multi-queue tap.
+    let r1 = w.runner("one", 11, &["--vcpu", "2"]);
     // The second one in the legacy layout (data files only, no hypervisor file).
-    let r2 = w.runner("two", 12, &["--legacy", "--no-hypervisor-file"]);
+    let r2 = w.runner(
+        "two",
+        12,
+        &["--legacy", "--no-hypervisor-file", "--guest-ip", "192.0.2.140/25", "--ping", "192.0.2.129"],
+    );
     assert!(w.run_vm_job("one", &r1, 0).status.success());
-    assert!(w.run_vm_job("two", &r2, 0).status.success());
+    let job = microvm_e2e::vm::vm_job("two", &r2, 0, "bridge = \"br1\"");
+    assert!(w.agent.run_job("two", &job).status.success());
     let a1 = w.agent.wait_running("one", "vm", BOOT);
     let a2 = w.agent.wait_running("two", "vm", BOOT);
     let c1 = w.wait_console(&a1, "microvm-test-guest: ready", BOOT);
     let c2 = w.wait_console(&a2, "microvm-test-guest: ready", BOOT);
     assert!(c1.contains("booted one") && c1.contains("ping 192.0.2.1 ok"), "{c1}");
-    assert!(c2.contains("booted two") && c2.contains("ping 192.0.2.1 ok"), "{c2}");
+    assert!(c2.contains("booted two") && c2.contains("ping 192.0.2.129 ok"), "{c2}");
     assert!(!c1.contains("booted two") && !c2.contains("booted one"), "each console is its own VM's");
     let links = w.netns.links();
     assert!(links.contains(&"vm-one".to_string()) && links.contains(&"vm-two".to_string()), "{links:?}");
+    let master = |tap: &str| {
+        let out = w.netns.command("ip").args(["-o", "link", "show", tap]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_whitespace().skip_while(|w| *w != "master").nth(1).unwrap_or_default().to_string()
+    };
+    assert_eq!(master("vm-one"), "br0", "the plugin's default bridge");
+    assert_eq!(master("vm-two"), "br1", "the task's own bridge");
+    let details = |tap: &str| {
+        let out = w.netns.command("ip").args(["-d", "-o", "link", "show", tap]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(details("vm-one").contains("vnet_hdr on multi_queue"), "{}", details("vm-one"));
+    assert!(!details("vm-two").contains("multi_queue"), "{}", details("vm-two"));
     let m1 = std::fs::read_to_string(w.work_dir("one").join("data/microvm-marker")).unwrap();
     let m2 = std::fs::read_to_string(w.work_dir("two").join("data/microvm-marker")).unwrap();
     assert!(m1.contains("hostname=one") && m2.contains("hostname=two"), "{m1} / {m2}");

@@ -7,6 +7,7 @@
 mod claims;
 pub mod hold;
 mod nixstore;
+mod orphan;
 pub mod paths;
 mod start;
 pub mod state;

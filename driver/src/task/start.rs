@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use microvm_proto::drivers::TaskConfig as ProtoTaskConfig;
 
-use super::claims::{self, claim};
+use super::claims::{self, ClaimError, claim};
 use super::nixstore;
 use super::paths::{self, TaskPaths};
 use super::state::DriverState;
@@ -98,7 +98,13 @@ async fn prepare(
     std::fs::create_dir_all(&paths.task_dir).map_err(TaskError::io(format!("create {}", paths.task_dir.display())))?;
     undo.dirs.push(paths.task_dir.clone());
     claims::mark_starting(&paths.task_dir).map_err(TaskError::io("mark the task as starting"))?;
-    claim(&config.state_dir, &workdir_claim, &format!("VM directory {}", paths.work_dir.display()), &paths.task_dir)?;
+    let what = format!("VM directory {}", paths.work_dir.display());
+    match claim(&config.state_dir, &workdir_claim, &what, &paths.task_dir) {
+        Err(ClaimError::InUse { owner, .. }) if super::orphan::reclaim(tasks, task, &owner).await => {
+            claim(&config.state_dir, &workdir_claim, &what, &paths.task_dir)?
+        }
+        other => other?,
+    }
     undo.claims.push(workdir_claim);
     for name in runner.taps.iter().chain(runner.macvtaps.iter().map(|m| &m.id)) {
         let c = claims::tap_claim(name);
