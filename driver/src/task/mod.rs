@@ -221,13 +221,19 @@ impl Tasks {
     }
 
     fn emit(&self, task: &ProtoTaskConfig, message: impl Into<String>) {
+        self.emit_at(task, message, SystemTime::now());
+    }
+
+    /// An event that happened at `at` (a supervisor's, read later from its
+    /// file: Nomad shows it with the time it happened).
+    fn emit_at(&self, task: &ProtoTaskConfig, message: impl Into<String>, at: SystemTime) {
         let message = message.into();
         tracing::info!(task_id = %task.id, "{message}");
         let _ = self.events.send(TaskEvent {
             task_id: task.id.clone(),
             alloc_id: task.alloc_id.clone(),
             task_name: task.name.clone(),
-            at: SystemTime::now(),
+            at,
             message,
             annotations: BTreeMap::new(),
         });
@@ -353,7 +359,7 @@ impl Tasks {
         let complete = text.rfind('\n').map(|i| i + 1).unwrap_or(0);
         for line in text[..complete].lines() {
             if let Ok(ev) = serde_json::from_str::<protocol::Event>(line) {
-                self.emit(proto, ev.message);
+                self.emit_at(proto, ev.message, SystemTime::UNIX_EPOCH + Duration::from_millis(ev.at_ms));
             }
         }
         offset + complete as u64
