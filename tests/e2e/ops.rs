@@ -112,6 +112,13 @@ fn console_session_exec_signal_restart_and_stats() {
     let text = String::from_utf8_lossy(&exec.stderr).to_string() + &String::from_utf8_lossy(&exec.stdout);
     assert!(text.contains("cannot connect to port 22 of vsock CID 77"), "{text}");
     assert!(!exec.status.success());
+    // A kernel vsock CID is the host's to give once: a second VM asking for
+    // the same one is refused before anything starts.
+    let twin = w.runner("opsw", 83, &["--vsock-cid-file", "77"]);
+    assert!(w.run_vm_job("opsw", &twin, 0).status.success());
+    let events = w.agent.wait_failed("opsw", "vm");
+    assert!(events.contains("vsock CID 77 is in use by another task"), "{events}");
+    assert!(w.vmm_pids("opsw").is_empty());
     w.agent.nomad_ok(&["job", "stop", "-detach", "opsv"]);
 
     // 3. `nomad alloc status -stats`: real CPU and memory of the VM.

@@ -96,6 +96,12 @@ pub fn workdir_claim(slug: &str) -> String {
     format!("vm-{slug}")
 }
 
+/// A kernel vsock CID is the host's to hand out once: a second VM with the
+/// same one would fail inside its VMM.
+pub fn vsock_claim(cid: u32) -> String {
+    format!("vsock-{cid}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,9 @@ pub struct HostHold {
     /// The task's own cgroup (v2 hosts), see `crate::cgroup`.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// The kernel vsock CID claimed for the guest.
+    #[serde(default)]
+    pub vsock_cid: Option<u32>,
 }
 
 impl HostHold {
@@ -40,6 +43,9 @@ impl HostHold {
                 }
                 claims::release(&self.state_dir, &claim, &self.task_dir);
             }
+        }
+        if let Some(cid) = self.vsock_cid {
+            claims::release(&self.state_dir, &claims::vsock_claim(cid), &self.task_dir);
         }
         let work_claim = claims::workdir_claim(&self.slug);
         let holds_work_dir = std::fs::read_link(claims::claims_dir(&self.state_dir).join(&work_claim))
@@ -77,6 +83,7 @@ mod tests {
         std::os::unix::fs::symlink("/nix/store/x", work.join("booted")).unwrap();
         claims::claim(state.path(), &claims::tap_claim("tap-a"), "tap-a", &mine).unwrap();
         claims::claim(state.path(), &claims::workdir_claim("w"), "w", &mine).unwrap();
+        claims::claim(state.path(), &claims::vsock_claim(7), "vsock CID 7", &mine).unwrap();
         // tap-b was taken over by another (live: still starting) task.
         claims::claim(state.path(), &claims::tap_claim("tap-b"), "tap-b", &other).unwrap();
         let net = RecordingNet::new().with_link("tap-a").with_link("tap-b");
@@ -88,6 +95,7 @@ mod tests {
             interfaces: vec!["tap-a".into(), "tap-b".into()],
             gcroot: None,
             cgroup: None,
+            vsock_cid: Some(7),
         };
         hold.release(&net);
         assert_eq!(net.calls(), vec![NetCall::DeleteLink("tap-a".into())]);
@@ -95,6 +103,7 @@ mod tests {
         assert!(!work.join("booted").exists(), "booted link removed with the work dir claim");
         assert!(work.exists(), "the work dir itself stays");
         assert!(claims::claims_dir(state.path()).join(claims::tap_claim("tap-b")).exists());
+        assert!(!claims::claims_dir(state.path()).join(claims::vsock_claim(7)).exists(), "the CID is free again");
         hold.release(&net); // idempotent
         assert_eq!(net.calls().len(), 1);
     }

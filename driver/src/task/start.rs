@@ -111,6 +111,12 @@ async fn prepare(
         claim(&config.state_dir, &c, &format!("interface {name}"), &paths.task_dir)?;
         undo.claims.push(c);
     }
+    let vsock_cid = runner.vsock_cid.filter(|_| runner.hypervisor.kernel_vsock());
+    if let Some(cid) = vsock_cid {
+        let c = claims::vsock_claim(cid);
+        claim(&config.state_dir, &c, &format!("vsock CID {cid}"), &paths.task_dir)?;
+        undo.claims.push(c);
+    }
     make_work_dir(&paths.work_dir, uid, gid)?;
     nixstore::relink(&paths.work_dir.join("current"), &runner.path).map_err(TaskError::io("link current"))?;
     let booted = paths.work_dir.join("booted");
@@ -197,6 +203,7 @@ async fn prepare(
             interfaces: runner.taps.iter().cloned().chain(runner.macvtaps.iter().map(|m| m.id.clone())).collect(),
             gcroot: gcroot.clone(),
             cgroup: cgroup.clone(),
+            vsock_cid,
         },
         plugin: crate::proc::ProcessId::of(std::process::id() as i32),
         stop_without_agent_after: config.stop_without_agent_after,
@@ -228,6 +235,7 @@ async fn prepare(
         macvtaps: runner.macvtaps.iter().map(|m| m.id.clone()).collect(),
         gcroot,
         cgroup,
+        vsock_cid,
         supervisor: pids.supervisor,
         vmm: pids.vmm,
         started_at_ms: protocol::now_ms(),

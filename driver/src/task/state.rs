@@ -29,6 +29,9 @@ pub struct DriverState {
     /// drivers before cgroups).
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// The kernel vsock CID claimed for the guest (absent in older handles).
+    #[serde(default)]
+    pub vsock_cid: Option<u32>,
     pub supervisor: Option<ProcessId>,
     pub vmm: Option<ProcessId>,
     /// Unix time in milliseconds.
@@ -58,6 +61,7 @@ impl DriverState {
             interfaces: self.taps.iter().chain(&self.macvtaps).cloned().collect(),
             gcroot: self.gcroot.clone(),
             cgroup: self.cgroup.clone(),
+            vsock_cid: self.vsock_cid,
         }
     }
 
@@ -92,6 +96,7 @@ mod tests {
             macvtaps: vec![],
             gcroot: Some("/nix/var/nix/gcroots/nomad-microvm/web-vm-0badc0de".into()),
             cgroup: Some("/sys/fs/cgroup/nomad.slice/share.slice/0123abcd.vm.scope".into()),
+            vsock_cid: Some(42),
             supervisor: Some(ProcessId { pid: 42, start_time: 1000 }),
             vmm: Some(ProcessId { pid: 43, start_time: 1001 }),
             started_at_ms: 1_700_000_000_000,
