@@ -87,7 +87,9 @@ fn console_session_exec_signal_restart_and_stats() {
     });
     eprintln!("console free {:?} after the first session left", freed.elapsed());
     let again = Tmux::start(&w, "console2", &["alloc", "exec", "-i", "-t", &alloc, "console"]);
-    std::thread::sleep(Duration::from_secs(2));
+    // Longer than the driver waits for a silent session: the CLI's
+    // heartbeats keep an idle one attached.
+    std::thread::sleep(Duration::from_secs(40));
     again.type_line("echo again-$((5*5))");
     wait_until("a second session's answer", Duration::from_secs(30), Duration::from_millis(500), || {
         let screen = again.screen();
