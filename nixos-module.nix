@@ -117,6 +117,11 @@
 #   without CAP_SYS_RESOURCE), and udev rules giving `/dev/kvm`,
 #   `/dev/vhost-net` and `/dev/vhost-vsock` to the `kvm` group, world-usable
 #   like `/dev/net/tun`, as systemd's own rules do on NixOS.
+# - On nodes that run VMs, `nomad-microvm-shutdown.service`: at host shutdown
+#   (after the agent has stopped) its `ExecStop`, `nomad-driver-microvm stop-all`,
+#   shuts every VM down gracefully (`driver.defaultStopTimeout` each, at once),
+#   recording why; after the boot the agent recovers the tasks and restarts
+#   them by their restart policy. A switch never stops it.
 # - With `bridge.enable`: the bridge and its uplinks are kept from dhcpcd
 #   (`networking.dhcpcd.denyInterfaces`, for NixOS's scripted networking), the
 #   uplinks' networkd file sorts before NixOS's own `40-<interface>`, and
@@ -592,6 +597,29 @@ in
         assertion = (config.systemd.services.nomad.serviceConfig.KillMode or "control-group") == "process";
         message = "services.nomad-microvm: systemd.services.nomad.serviceConfig.KillMode must be \"process\": the VMs' supervisors live in nomad.service's cgroup, and any other mode kills every VM whenever the agent stops or restarts (`systemctl restart nomad`, `nixos-rebuild switch`).";
       }];
+
+      # At host shutdown the VMs must go down gracefully: they outlive the
+      # agent on purpose (above), so nothing else would stop them before
+      # systemd's final SIGTERM/SIGKILL sweep. Ordered before nomad.service,
+      # this unit stops after it: the agent is gone by then and does not
+      # restart what stops; after the boot it recovers the tasks, reads the
+      # recorded exits and restarts them by their restart policy. Never
+      # stopped by a switch (that would stop every VM).
+      systemd.services.nomad-microvm-shutdown = {
+        description = "Graceful shutdown of this node's microVMs when the host shuts down";
+        wantedBy = [ "multi-user.target" ];
+        before = [ "nomad.service" ];
+        restartIfChanged = false;
+        stopIfChanged = false;
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = "${pkgs.coreutils}/bin/true";
+          ExecStop = "${cfg.package}/bin/nomad-driver-microvm stop-all ${cfg.driver.stateDir} ${cfg.driver.defaultStopTimeout}";
+          # Every VM gets the stop timeout at once, then TERM and KILL.
+          TimeoutStopSec = toString (builtins.ceil (durationSeconds cfg.driver.defaultStopTimeout) + 30);
+        };
+      };
 
       systemd.services.nomad.serviceConfig = {
         # VMs outlive their agent: the plugin starts each VM's supervisor in

@@ -15,6 +15,9 @@ Usage:
   nomad-driver-microvm                      run as a plugin (a Nomad agent starts it this way)
   nomad-driver-microvm check-config FILE    check a plugin config (the JSON of the `config {}` block)
   nomad-driver-microvm supervise SPEC       run one task's supervisor (the plugin starts it)
+  nomad-driver-microvm stop-all STATE_DIR [TIMEOUT]
+                                            shut down every VM of this node gracefully (host shutdown;
+                                            TIMEOUT per VM, default 60s)
   nomad-driver-microvm config-keys          list the plugin config keys, one per line
   nomad-driver-microvm probe-kvm            run a trivial KVM guest and say whether it halted
   nomad-driver-microvm vsock-proxy (--cid CID | --mux SOCKET) PORT
@@ -39,6 +42,15 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         ["vsock-proxy", rest @ ..] => vsock_proxy(rest),
+        ["stop-all", state_dir, rest @ ..] if rest.len() <= 1 => {
+            let Some(timeout) =
+                rest.first().map_or(Some(std::time::Duration::from_secs(60)), |t| config::parse_duration(t))
+            else {
+                eprintln!("nomad-driver-microvm stop-all: {:?} is not a duration (e.g. 60s)", rest[0]);
+                return ExitCode::from(2);
+            };
+            ExitCode::from(supervisor::stop_all::main(std::path::Path::new(state_dir), timeout) as u8)
+        }
         ["--version" | "version"] => {
             println!("nomad-driver-microvm {}", microvm_driver::VERSION);
             ExitCode::SUCCESS

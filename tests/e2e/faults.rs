@@ -264,3 +264,56 @@ async fn a_committed_start_nomad_never_heard_of_is_replaced_by_the_next_start() 
     let left = leftovers(&w.netns, &w.state_dir, "or");
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// The host shuts down: `nomad-driver-microvm stop-all` (the NixOS module's
+/// ExecStop) stops every VM gracefully, whether or not an agent is there,
+/// and the exit it records says why, for Nomad to read after the boot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_all_shuts_every_vm_down_gracefully_for_the_hosts_shutdown() {
+    use microvm_proto::drivers::WaitTaskRequest;
+    if !require_root("stop_all_shuts_every_vm_down_gracefully_for_the_hosts_shutdown") {
+        return;
+    }
+    let w = DirectWorld::new("stopall", "sa").await;
+    let mut driver = w.driver.clone();
+    let task = vm_task("abababab-0000-0000-0000-000000000000", "stopall", 1, &w.runner);
+    driver.start_task(StartTaskRequest { task: Some(task.clone()) }).await.expect("StartTask");
+    // Booted far enough to shut down on its own (the guest writes its marker).
+    let vms = w.state_dir.join("vms");
+    wait_until("the guest to be up", BOOT, Duration::from_millis(500), || {
+        let marker = std::fs::read_dir(&vms)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .and_then(|e| std::fs::read_to_string(e.path().join("data/microvm-marker")).ok())
+            .unwrap_or_default();
+        if marker.contains("boot=1") { Ok(()) } else { Err(marker) }
+    });
+
+    let out = std::process::Command::new(microvm_e2e::driver_bin())
+        .arg("stop-all")
+        .arg(&w.state_dir)
+        .arg("30s")
+        .output()
+        .expect("stop-all");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("stopped 1 VM(s) under {}", w.state_dir.display()));
+    assert!(vmm_pids_under("sa", &w.state_dir).is_empty(), "the VMM is gone when stop-all returns");
+
+    let exit = driver.wait_task(WaitTaskRequest { task_id: task.id.clone() }).await.expect("WaitTask").into_inner();
+    assert_eq!(exit.result.as_ref().map(|r| r.exit_code), Some(0), "the guest powered off: {exit:?}");
+    assert!(exit.err.contains("the host is shutting down"), "{exit:?}");
+    let task_dir = std::fs::read_dir(w.state_dir.join("tasks")).unwrap().next().unwrap().unwrap().path();
+    let events = std::fs::read_to_string(task_dir.join("events.jsonl")).unwrap();
+    assert!(events.contains("graceful shutdown: running microvm-shutdown"), "{events}");
+    assert!(!events.contains("timed out"), "{events}");
+
+    // Nothing left to stop: a second run says so and succeeds.
+    let again =
+        std::process::Command::new(microvm_e2e::driver_bin()).arg("stop-all").arg(&w.state_dir).output().unwrap();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).starts_with("stopped 0 VM(s)"));
+    driver.destroy_task(DestroyTaskRequest { task_id: task.id, force: true }).await.expect("DestroyTask");
+    let left = leftovers(&w.netns, &w.state_dir, "sa");
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

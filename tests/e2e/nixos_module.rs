@@ -551,6 +551,23 @@ fn the_agent_unit_lets_vms_outlive_the_agent() {
     }
     assert!(rules.contains("KERNEL==\"tun\", MODE=\"0666\", OPTIONS+=\"static_node=net/tun\""), "{rules}");
 
+    // The VMs go down gracefully at host shutdown: after the agent (the unit
+    // is ordered before it), never by a switch, with a command line the
+    // driver binary takes.
+    let shutdown = &config["systemd"]["services"]["nomad-microvm-shutdown"];
+    assert_eq!(shutdown["before"], serde_json::json!(["nomad.service"]), "{shutdown}");
+    assert_eq!(shutdown["restartIfChanged"], false);
+    assert_eq!(shutdown["stopIfChanged"], false);
+    assert_eq!(shutdown["serviceConfig"]["TimeoutStopSec"], "60", "30s per VM, then TERM and KILL");
+    let exec_stop = shutdown["serviceConfig"]["ExecStop"].as_str().unwrap();
+    let argv: Vec<&str> = exec_stop.split_whitespace().collect();
+    assert!(argv[0].ends_with("/bin/nomad-driver-microvm"), "{exec_stop}");
+    assert_eq!(&argv[1..], ["stop-all", "/var/lib/nomad-microvm", "30s"]);
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(driver_bin()).arg(argv[1]).arg(empty.path()).args(&argv[3..]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("stopped 0 VM(s)"), "{}", text(&out.stdout));
+
     // Whatever forces another KillMode is refused, naming why.
     for mode in ["control-group", "mixed", "none"] {
         let host = format!("{{ systemd.services.nomad.serviceConfig.KillMode = \"{mode}\"; }}");

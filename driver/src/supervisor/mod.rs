@@ -16,6 +16,7 @@ pub mod identity;
 pub mod logsink;
 pub mod protocol;
 pub mod run;
+pub mod stop_all;
 pub mod virtiofsd;
 
 use std::io::Write;

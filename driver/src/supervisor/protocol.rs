@@ -123,6 +123,9 @@ pub enum Request {
     Stop {
         #[serde(with = "millis")]
         timeout: Duration,
+        /// Why, when it is not Nomad's stop (recorded with the exit).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Deliver a signal: INT/TERM mean a graceful guest shutdown.
     Signal {
@@ -181,7 +184,7 @@ mod tests {
 
     #[test]
     fn requests_are_json_lines() {
-        let r = Request::Stop { timeout: Duration::from_secs(5) };
+        let r = Request::Stop { timeout: Duration::from_secs(5), reason: None };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(text, r#"{"op":"stop","timeout":5000}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);

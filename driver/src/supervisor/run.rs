@@ -357,8 +357,11 @@ async fn serve_control(stream: UnixStream, shared: Arc<Shared>) {
         }
         let reply = match serde_json::from_str::<Request>(line.trim_end()) {
             Err(e) => Reply { ok: false, error: Some(format!("bad request: {e}")), pids: None },
-            Ok(Request::Stop { timeout }) => {
-                shared.begin_stop(timeout, true, None);
+            Ok(Request::Stop { timeout, reason }) => {
+                if let Some(r) = &reason {
+                    shared.events.emit(r.clone());
+                }
+                shared.begin_stop(timeout, true, reason);
                 Reply { ok: true, error: None, pids: None }
             }
             Ok(Request::Signal { signal }) => match shared.signal(signal) {

@@ -409,7 +409,7 @@ impl Tasks {
         }
         let timeout = if matches!(signal, "SIGKILL" | "KILL" | "9") { Duration::ZERO } else { timeout };
         let state = &tracked.state;
-        let asked = request(&state.task_dir, &Request::Stop { timeout }, Duration::from_secs(5)).await;
+        let asked = request(&state.task_dir, &Request::Stop { timeout, reason: None }, Duration::from_secs(5)).await;
         if !matches!(asked, Ok(ref r) if r.ok) {
             // No supervisor to ask: stop the VMM ourselves.
             self.emit(&tracked.proto, "supervisor unreachable: stopping the VMM directly");

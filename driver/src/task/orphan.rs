@@ -34,7 +34,8 @@ pub(super) async fn reclaim(tasks: &Tasks, task: &ProtoTaskConfig, owner: &Path)
         format!("an earlier start of this task ({}) still runs its VM, unknown to Nomad: stopping it", spec.task_id),
     );
     let timeout = tasks.config().default_stop_timeout;
-    let _ = crate::supervisor::run::request(owner, &Request::Stop { timeout }, Duration::from_secs(5)).await;
+    let _ =
+        crate::supervisor::run::request(owner, &Request::Stop { timeout, reason: None }, Duration::from_secs(5)).await;
     let pids: Pids = protocol::read_json(&owner.join(protocol::PIDS_FILE)).unwrap_or_default();
     let gone = async {
         for p in pids.supervisor.iter().chain(pids.vmm.iter()) {
