@@ -575,6 +575,9 @@ in
     (mkIf isClient {
       services.nomad = {
         extraSettingsPlugins = [ cfg.package ];
+        # `nomad alloc exec <alloc> <command>` (and script checks) run ssh
+        # into the guest over vsock from the plugin, which has the agent's PATH.
+        extraPackages = [ pkgs.openssh ];
         settings = plugin.agentSettings cfg.driver // {
           client = {
             enabled = true;

@@ -347,6 +347,7 @@ let
     gzip = pkg "gzip";
     coreutils = pkg "coreutils";
     bashInteractive = pkg "bash";
+    openssh = pkg "openssh";
     nomad-driver-microvm = pkg "nomad-driver-microvm";
     gitfront = pkg "gitfront";
     formats.toml = { }: { generate = name: value: { toml = value; }; };
@@ -554,6 +555,9 @@ fn the_agent_unit_lets_vms_outlive_the_agent() {
     // The VMs go down gracefully at host shutdown: after the agent (the unit
     // is ordered before it), never by a switch, with a command line the
     // driver binary takes.
+    // ssh on the agent's PATH, for `nomad alloc exec` into guests.
+    let extra = config["services"]["nomad"]["extraPackages"].as_array().unwrap();
+    assert!(extra.iter().any(|p| p.as_str().is_some_and(|p| p.ends_with("-openssh"))), "{extra:?}");
     let shutdown = &config["systemd"]["services"]["nomad-microvm-shutdown"];
     assert_eq!(shutdown["before"], serde_json::json!(["nomad.service"]), "{shutdown}");
     assert_eq!(shutdown["restartIfChanged"], false);
