@@ -17,6 +17,17 @@ fn boot_count(w: &World, job: &str) -> String {
     std::fs::read_to_string(w.work_dir(job).join("data/microvm-marker")).unwrap_or_default()
 }
 
+/// The file `name` below the first entry of `dir` (a task or work dir: the
+/// tests here have one), or "" while there is none.
+fn read_in_first_entry(dir: &std::path::Path, name: &str) -> String {
+    std::fs::read_dir(dir)
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .and_then(|e| std::fs::read_to_string(e.path().join(name)).ok())
+        .unwrap_or_default()
+}
+
 fn one_vmm(w: &World, host: &str) -> i32 {
     let pids = w.vmm_pids(host);
     assert_eq!(pids.len(), 1, "exactly one VMM for {host}: {pids:?}");
@@ -142,12 +153,7 @@ fn plugin_killed_during_stop_the_stop_still_completes() {
     // The stop request is on its way: kill the plugin as soon as it starts.
     let tasks = w.state_dir.join("tasks");
     wait_until("the stop to start", Duration::from_secs(30), Duration::from_millis(2), || {
-        let events = std::fs::read_dir(&tasks)
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-            .and_then(|e| std::fs::read_to_string(e.path().join("events.jsonl")).ok())
-            .unwrap_or_default();
+        let events = read_in_first_entry(&tasks, "events.jsonl");
         if events.contains("graceful shutdown") || w.vmm_pids("kp").is_empty() { Ok(()) } else { Err(events) }
     });
     kill(Pid::from_raw(plugin[0]), Signal::SIGKILL).unwrap();
@@ -281,12 +287,7 @@ async fn stop_all_shuts_every_vm_down_gracefully_for_the_hosts_shutdown() {
     // Booted far enough to shut down on its own (the guest writes its marker).
     let vms = w.state_dir.join("vms");
     wait_until("the guest to be up", BOOT, Duration::from_millis(500), || {
-        let marker = std::fs::read_dir(&vms)
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-            .and_then(|e| std::fs::read_to_string(e.path().join("data/microvm-marker")).ok())
-            .unwrap_or_default();
+        let marker = read_in_first_entry(&vms, "data/microvm-marker");
         if marker.contains("boot=1") { Ok(()) } else { Err(marker) }
     });
 
