@@ -156,3 +156,44 @@ fn console_session_exec_signal_restart_and_stats() {
     let logs = w.agent.alloc_logs(&alloc, "vm", false);
     assert!(logs.matches("microvm-test-guest: graceful shutdown").count() >= 2, "{logs}");
 }
+
+/// ExecTask, what Nomad's script checks call: a command in the guest runs
+/// to its end and comes back as one answer; without a way in, the answer
+/// says what the guest must enable, and a CID that cannot be reached is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_task_answers_script_checks() {
+    use microvm_e2e::plugin::{DirectWorld, vm_task};
+    use microvm_proto::drivers::{DestroyTaskRequest, ExecTaskRequest, StartTaskRequest};
+    if !require_root("exec_task_answers_script_checks") {
+        return;
+    }
+    let w = DirectWorld::new("exectask", "et").await;
+    let mut driver = w.driver.clone();
+    let vsock_runner = microvm_e2e::runner::make_runner(
+        &w.dir.path().join("runners"),
+        &["--hostname", "ev", "--tap", "vm-ev", "--vsock-cid-file", "78", "--store"],
+    );
+    let plain = vm_task("acacacac-0000-0000-0000-000000000000", "exectask", 1, &w.runner);
+    let vsock = vm_task("adadadad-0000-0000-0000-000000000000", "exectask-vsock", 1, &vsock_runner);
+    for task in [&plain, &vsock] {
+        driver.start_task(StartTaskRequest { task: Some(task.clone()) }).await.expect("StartTask");
+    }
+    let exec = |task_id: String| {
+        let mut driver = driver.clone();
+        async move {
+            let timeout = Some(prost_types::Duration { seconds: 20, nanos: 0 });
+            let r = driver.exec_task(ExecTaskRequest { task_id, command: vec!["uname".into(), "-a".into()], timeout });
+            r.await.expect("ExecTask answers").into_inner()
+        }
+    };
+    let answer = exec(plain.id.clone()).await;
+    assert_eq!(answer.result.as_ref().map(|r| r.exit_code), Some(126), "{answer:?}");
+    assert!(String::from_utf8_lossy(&answer.stderr).contains("microvm.vsock.cid"), "{answer:?}");
+    let answer = exec(vsock.id.clone()).await;
+    assert_ne!(answer.result.as_ref().map(|r| r.exit_code), Some(0), "{answer:?}");
+    let stderr = String::from_utf8_lossy(&answer.stderr).to_string();
+    assert!(stderr.contains("cannot connect to port 22 of vsock CID 78"), "{stderr}");
+    for task in [plain, vsock] {
+        driver.destroy_task(DestroyTaskRequest { task_id: task.id, force: true }).await.expect("DestroyTask");
+    }
+}
