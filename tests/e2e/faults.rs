@@ -83,12 +83,13 @@ fn killed_virtiofsd_is_reported_and_the_vm_restarted() {
 /// knows. Returns whether the kill came before the start was committed
 /// (the supervisor then removes its VM itself).
 fn kill_the_plugin_during_a_start(
+    extra_plugin_config: &str,
     tag: &str,
     host: &str,
     ip: u8,
     now: impl Fn(&World, &std::path::Path) -> bool,
 ) -> bool {
-    let w = World::new(tag, true, "");
+    let w = World::new(tag, true, extra_plugin_config);
     let runner = w.runner(host, ip, &[]);
     assert!(w.run_vm_job(host, &runner, 3).status.success());
     let tasks = w.state_dir.join("tasks");
@@ -103,10 +104,19 @@ fn kill_the_plugin_during_a_start(
     });
     kill(Pid::from_raw(plugin[0]), Signal::SIGKILL).unwrap();
     let uncommitted = !task_dir.join("committed").exists();
+    eprintln!("{host}: plugin killed {} the start was committed", if uncommitted { "before" } else { "after" });
 
     // Nomad retries with a new plugin; in the end exactly one VM runs, the one Nomad knows.
     let alloc = w.agent.wait_running(host, "vm", BOOT);
-    w.wait_console(&alloc, "microvm-test-guest: ready", BOOT);
+    wait_until("the guest to be ready", BOOT, Duration::from_secs(1), || {
+        let console = w.agent.alloc_logs(&alloc, "vm", false);
+        if console.contains("microvm-test-guest: ready") {
+            Ok(())
+        } else {
+            let events = w.agent.task_events(&alloc, "vm");
+            Err(format!("console {console:?}; events:\n{events}\nVMMs {:?}", w.vmm_pids(host)))
+        }
+    });
     std::thread::sleep(Duration::from_secs(3));
     let vmm = one_vmm(&w, host);
     let pids = w.task_pids();
@@ -124,7 +134,7 @@ fn plugin_killed_during_start_leaves_no_orphan() {
         return;
     }
     // Before taps and the supervisor exist: the task dir just appeared.
-    let uncommitted = kill_the_plugin_during_a_start("killstart", "ks", 63, |_, _| true);
+    let uncommitted = kill_the_plugin_during_a_start("", "killstart", "ks", 63, |_, _| true);
     assert!(uncommitted);
 }
 
@@ -133,12 +143,34 @@ fn plugin_killed_once_the_vmm_runs_but_before_nomad_has_its_handle_leaves_no_orp
     if !require_root("plugin_killed_once_the_vmm_runs_but_before_nomad_has_its_handle_leaves_no_orphan") {
         return;
     }
-    // The VMM runs: the supervisor has reported it, or is about to. A kill
-    // before the commit leaves a VM no handle names, which its supervisor
-    // must remove; a kill just after it is an ordinary recovery. Either way
-    // one VM runs in the end; which window was hit is printed.
-    let uncommitted = kill_the_plugin_during_a_start("killvmm0", "kw", 65, |w, _| !w.vmm_pids("kw").is_empty());
-    eprintln!("plugin killed {} the start was committed", if uncommitted { "before" } else { "after" });
+    // The VMM runs, but the plugin has not committed the start: it is
+    // frozen (SIGSTOP) once it has spawned the supervisor, which boots the VM
+    // on its own while the commit never comes. Killed then, the plugin leaves
+    // a VM no handle names, which its supervisor must remove. A virtiofsd
+    // that takes 3 s to start holds the window open long enough to freeze
+    // the plugin in it.
+    let slow = microvm_e2e::open_tempdir();
+    let virtiofsd = slow.path().join("slow-virtiofsd");
+    std::fs::write(
+        &virtiofsd,
+        format!("#!/bin/sh\nsleep 3\nexec {} \"$@\"\n", microvm_e2e::runner::virtiofsd_bin().display()),
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&virtiofsd).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&virtiofsd, perms).unwrap();
+    let config = format!("    virtiofsd = \"{}\"\n", virtiofsd.display());
+    let frozen = std::cell::Cell::new(false);
+    let uncommitted = kill_the_plugin_during_a_start(&config, "killvmm0", "kw", 65, |w, task_dir| {
+        if !frozen.get() && !pgrep(&format!("supervise {}", task_dir.display())).is_empty() {
+            for p in w.agent.plugin_pids() {
+                kill(Pid::from_raw(p), Signal::SIGSTOP).unwrap();
+            }
+            frozen.set(true);
+        }
+        !w.vmm_pids("kw").is_empty()
+    });
+    assert!(uncommitted, "the frozen plugin cannot have committed the start");
 }
 
 #[test]
@@ -235,38 +267,58 @@ async fn a_start_the_agent_hangs_up_on_leaves_nothing_behind() {
 /// The plugin dies between committing a start and answering it: the VM is
 /// Nomad's in the supervisor's eyes, but Nomad never got its handle and
 /// starts the task again (a new task id, same alloc and task) on a new
-/// plugin. That start stops the orphan and takes its place: one VM.
+/// plugin. That start takes the running VM over (same runner, same log
+/// FIFOs: nothing restarts); a start with another runner replaces it. One VM
+/// either way, and the last destroy leaves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_committed_start_nomad_never_heard_of_is_replaced_by_the_next_start() {
-    if !require_root("a_committed_start_nomad_never_heard_of_is_replaced_by_the_next_start") {
+async fn a_committed_start_nomad_never_heard_of_is_taken_over_by_the_next_start() {
+    if !require_root("a_committed_start_nomad_never_heard_of_is_taken_over_by_the_next_start") {
         return;
     }
     let mut w = DirectWorld::new("orphan", "or").await;
     let alloc = "ffffffff-0000-0000-0000-000000000000";
-    let first = vm_task(alloc, "orphan", 1, &w.runner);
-    w.driver.start_task(StartTaskRequest { task: Some(first.clone()) }).await.expect("StartTask");
-    let orphan_vmm = vmm_pids_under("or", &w.state_dir);
-    assert_eq!(orphan_vmm.len(), 1);
-    // The answer is "lost": the plugin dies, a new one comes up, knowing nothing.
-    w.plugin.process.signal_group(Signal::SIGKILL);
-    let _ = w.plugin.process.wait_exit(Duration::from_secs(10));
-    let again_dir = w.dir.path().join("plugin2");
-    std::fs::create_dir_all(&again_dir).unwrap();
-    let (plugin, mut driver) = microvm_e2e::plugin::configured_plugin(&again_dir, &w.netns, &w.state_dir).await;
-    w.plugin = plugin;
-    assert_eq!(vmm_pids_under("or", &w.state_dir), orphan_vmm, "the committed VM outlives the plugin");
+    // Its plugin dies right after the start, before Nomad has the answer.
+    async fn orphaned(w: &mut DirectWorld, n: u32, runner: &std::path::Path) -> Vec<i32> {
+        let task = vm_task("ffffffff-0000-0000-0000-000000000000", "orphan", n, runner);
+        w.driver.start_task(StartTaskRequest { task: Some(task) }).await.expect("StartTask");
+        let vmm = vmm_pids_under("or", &w.state_dir);
+        w.plugin.process.signal_group(Signal::SIGKILL);
+        let _ = w.plugin.process.wait_exit(Duration::from_secs(10));
+        let dir = w.dir.path().join(format!("plugin{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (plugin, driver) = microvm_e2e::plugin::configured_plugin(&dir, &w.netns, &w.state_dir).await;
+        (w.plugin, w.driver) = (plugin, driver);
+        assert_eq!(vmm_pids_under("or", &w.state_dir), vmm, "the committed VM outlives the plugin");
+        vmm
+    }
+    let log = |w: &DirectWorld| std::fs::read_to_string(&w.plugin.stderr).unwrap_or_default();
+    let task_dirs = |w: &DirectWorld| std::fs::read_dir(w.state_dir.join("tasks")).unwrap().flatten().count();
 
-    let second = vm_task(alloc, "orphan", 2, &w.runner);
-    driver.start_task(StartTaskRequest { task: Some(second.clone()) }).await.expect("the next start succeeds");
+    let runner = w.runner.clone();
+    let orphan_vmm = orphaned(&mut w, 1, &runner).await;
+    assert_eq!(orphan_vmm.len(), 1);
+    let second = vm_task(alloc, "orphan", 2, &runner);
+    w.driver.start_task(StartTaskRequest { task: Some(second.clone()) }).await.expect("the next start succeeds");
+    assert_eq!(vmm_pids_under("or", &w.state_dir), orphan_vmm, "the same VM, taken over");
+    assert_eq!(task_dirs(&w), 1, "no second task dir");
+    assert!(log(&w).contains("unknown to Nomad: taking it over"), "{}", log(&w));
+
+    // Orphaned again, and the next start names another runner (a new job version).
+    let _ = orphaned(&mut w, 3, &runner).await;
+    let other = microvm_e2e::runner::make_runner(
+        &w.dir.path().join("runners2"),
+        &["--hostname", "or", "--tap", "vm-or", "--share", "data:data", "--mem", "200", "--store"],
+    );
+    assert_ne!(other, runner);
+    let fourth = vm_task(alloc, "orphan", 4, &other);
+    w.driver.start_task(StartTaskRequest { task: Some(fourth.clone()) }).await.expect("a start with another runner");
     let now = vmm_pids_under("or", &w.state_dir);
     assert_eq!(now.len(), 1, "one VM: {now:?}");
     assert_ne!(now, orphan_vmm, "the orphan was replaced");
-    let task_dirs: Vec<_> = std::fs::read_dir(w.state_dir.join("tasks")).unwrap().flatten().collect();
-    assert_eq!(task_dirs.len(), 1, "only the new task's dir");
-    let log = std::fs::read_to_string(&w.plugin.stderr).unwrap_or_default();
-    assert!(log.contains("unknown to Nomad: stopping it"), "{log}");
+    assert_eq!(task_dirs(&w), 1, "only the new task's dir");
+    assert!(log(&w).contains("unknown to Nomad: removing it"), "{}", log(&w));
 
-    driver.destroy_task(DestroyTaskRequest { task_id: second.id.clone(), force: true }).await.expect("DestroyTask");
+    w.driver.destroy_task(DestroyTaskRequest { task_id: fourth.id.clone(), force: true }).await.expect("DestroyTask");
     let left = leftovers(&w.netns, &w.state_dir, "or");
     assert!(left.is_empty(), "left behind: {left:?}");
 }

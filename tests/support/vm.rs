@@ -22,12 +22,16 @@ pub struct World {
 }
 
 /// Plugin config for tests: our state dir, the test bridge, the installed
-/// virtiofsd, and the extra lines given.
+/// virtiofsd (unless `extra` names another), and the extra lines given.
 pub fn plugin_config(state_dir: &Path, extra: &str) -> String {
+    let virtiofsd = if extra.contains("virtiofsd =") {
+        String::new()
+    } else {
+        format!("    virtiofsd = \"{}\"\n", virtiofsd_bin().display())
+    };
     format!(
-        "    state_dir = \"{}\"\n    default_bridge = \"{BRIDGE}\"\n    virtiofsd = \"{}\"\n    default_stop_timeout = \"20s\"\n{extra}",
+        "    state_dir = \"{}\"\n    default_bridge = \"{BRIDGE}\"\n{virtiofsd}    default_stop_timeout = \"20s\"\n{extra}",
         state_dir.display(),
-        virtiofsd_bin().display()
     )
 }
 

@@ -245,11 +245,12 @@ pub(super) async fn supervise(spec: LaunchSpec, ready: OwnedFd) -> i32 {
     // Holding the VMM's stdin open keeps qemu's stdio chardev alive; an
     // attached console session types into it.
     let console = Console::new(vmm.stdin.take());
+    let committed = spec.task_dir.join(protocol::COMMITTED_FILE);
     let pumps = [
-        vmm.stdout
-            .take()
-            .map(|out| tokio::spawn(pump(out, LogSink::new(spec.stdout_path.clone()), Some(console.clone())))),
-        vmm.stderr.take().map(|err| tokio::spawn(pump(err, LogSink::new(spec.stderr_path.clone()), None))),
+        vmm.stdout.take().map(|out| {
+            tokio::spawn(pump(out, LogSink::new(spec.stdout_path.clone()), Some(console.clone()), committed.clone()))
+        }),
+        vmm.stderr.take().map(|err| tokio::spawn(pump(err, LogSink::new(spec.stderr_path.clone()), None, committed))),
     ];
 
     let (exit_tx, exit_rx) = watch::channel(None);
@@ -329,18 +330,64 @@ fn spawn_vmm(
     cmd.spawn().map_err(|e| format!("cannot start {}: {e}", run.display()))
 }
 
-async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, mut sink: LogSink, console: Option<Arc<Console>>) {
-    sink.connect().await;
+/// The most console output kept while a start is not yet committed.
+const HELD_OUTPUT: usize = 1 << 20;
+
+/// Copies the VMM's output into Nomad's log FIFO (and the console), but only
+/// once the start is committed (`committed` exists): until then it is held.
+/// logmon reads the FIFO until its first EOF and never again for this start
+/// of the task; if the plugin dies before committing, this VM is removed and
+/// Nomad starts the task again *without* a new logmon — had this pump opened
+/// and then closed the FIFO, the next VM's console would be lost.
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut sink: LogSink,
+    console: Option<Arc<Console>>,
+    committed: PathBuf,
+) {
     let mut buf = vec![0u8; 16 * 1024];
+    let mut held = Some(Vec::new());
     loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if let Some(c) = &console {
-                    c.publish(&buf[..n]);
-                }
-                sink.write(&buf[..n]).await
+        if held.is_some() && committed.exists() {
+            sink.connect().await;
+            if let Some(early) = held.take().filter(|h| !h.is_empty()) {
+                sink.write(&early).await;
             }
+        }
+        let read = match &held {
+            Some(_) => match tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => continue,
+            },
+            None => from.read(&mut buf).await,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(c) = &console {
+            c.publish(&buf[..n]);
+        }
+        match held.as_mut() {
+            Some(h) => {
+                h.extend_from_slice(&buf[..n]);
+                if h.len() > HELD_OUTPUT {
+                    h.drain(..h.len() - HELD_OUTPUT);
+                }
+            }
+            None => sink.write(&buf[..n]).await,
+        }
+    }
+    // A VMM that exited at once: its last words (qemu's error) belong in the
+    // log once the plugin commits the start, which it does within moments.
+    if let Some(early) = held {
+        for _ in 0..40 {
+            if committed.exists() {
+                sink.connect().await;
+                sink.write(&early).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

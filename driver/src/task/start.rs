@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use microvm_proto::drivers::TaskConfig as ProtoTaskConfig;
 
-use super::claims::{self, ClaimError, claim};
+use super::claims::{self, claim};
 use super::nixstore;
 use super::paths::{self, TaskPaths};
 use super::state::DriverState;
@@ -93,18 +93,27 @@ async fn prepare(
         )));
     }
 
-    // 3. Claims on host-wide names, then dirs and links.
+    // 3. Claims on host-wide names, then dirs and links. An earlier start
+    // of this task Nomad never heard of (see orphan.rs) is taken over, or
+    // removed: a retry with the same task id finds it in the task dir, one
+    // with a new id as the owner of the VM directory's claim.
     let workdir_claim = claims::workdir_claim(&paths.slug);
+    let claim_owner = std::fs::read_link(claims::claims_dir(&config.state_dir).join(&workdir_claim)).ok();
+    for earlier in std::iter::once(paths.task_dir.clone()).chain(claim_owner) {
+        if !earlier.join(protocol::SPEC_FILE).exists() {
+            continue;
+        }
+        let stdout = path_or_null(&task.stdout_path);
+        if let Some(state) = super::orphan::adopt(tasks, task, &earlier, cfg, &runner.path, &stdout) {
+            return Ok(state);
+        }
+        super::orphan::reclaim(tasks, task, &earlier).await;
+    }
     std::fs::create_dir_all(&paths.task_dir).map_err(TaskError::io(format!("create {}", paths.task_dir.display())))?;
     undo.dirs.push(paths.task_dir.clone());
     claims::mark_starting(&paths.task_dir).map_err(TaskError::io("mark the task as starting"))?;
     let what = format!("VM directory {}", paths.work_dir.display());
-    match claim(&config.state_dir, &workdir_claim, &what, &paths.task_dir) {
-        Err(ClaimError::InUse { owner, .. }) if super::orphan::reclaim(tasks, task, &owner).await => {
-            claim(&config.state_dir, &workdir_claim, &what, &paths.task_dir)?
-        }
-        other => other?,
-    }
+    claim(&config.state_dir, &workdir_claim, &what, &paths.task_dir)?;
     undo.claims.push(workdir_claim);
     for name in runner.taps.iter().chain(runner.macvtaps.iter().map(|m| &m.id)) {
         let c = claims::tap_claim(name);
