@@ -345,14 +345,21 @@ async fn pump(
     console: Option<Arc<Console>>,
     committed: PathBuf,
 ) {
+    // Connects the sink (a silent stream must connect too) and writes what was held.
+    async fn flush(sink: &mut LogSink, held: Vec<u8>) {
+        sink.connect().await;
+        if !held.is_empty() {
+            sink.write(&held).await;
+        }
+    }
     let mut buf = vec![0u8; 16 * 1024];
     let mut held = Some(Vec::new());
     loop {
-        if held.is_some() && committed.exists() {
-            sink.connect().await;
-            if let Some(early) = held.take().filter(|h| !h.is_empty()) {
-                sink.write(&early).await;
-            }
+        if held.is_some()
+            && committed.exists()
+            && let Some(early) = held.take()
+        {
+            flush(&mut sink, early).await;
         }
         let read = match &held {
             Some(_) => match tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await {
@@ -383,8 +390,7 @@ async fn pump(
     if let Some(early) = held {
         for _ in 0..40 {
             if committed.exists() {
-                sink.connect().await;
-                sink.write(&early).await;
+                flush(&mut sink, early).await;
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -583,6 +589,29 @@ pub async fn attach_console(task_dir: &Path) -> std::io::Result<UnixStream> {
 }
 
 /// One request over a task's control socket (used by the plugin).
+/// How long a supervisor may take beyond a stop's timeout: SIGTERM, its
+/// grace, SIGKILL, and recording the exit.
+pub const STOP_ESCALATION: Duration = Duration::from_secs(10);
+
+/// Asks the supervisor in `task_dir` for a graceful stop within `timeout`
+/// (with no supervisor to answer, the VMM's group gets SIGTERM, as systemd
+/// would send it) and waits for the VMM and the supervisor in `pids` to exit,
+/// for `timeout` plus [`STOP_ESCALATION`]. Says whether they did.
+pub async fn stop_and_wait(task_dir: &Path, pids: &Pids, timeout: Duration, reason: Option<String>) -> bool {
+    let answer = request(task_dir, &Request::Stop { timeout, reason }, Duration::from_secs(5)).await;
+    if !matches!(answer, Ok(ref r) if r.ok)
+        && let Some(vmm) = pids.vmm
+    {
+        vmm.signal_group(Signal::SIGTERM);
+    }
+    let gone = async {
+        for p in pids.vmm.iter().chain(pids.supervisor.iter()) {
+            p.exited().await;
+        }
+    };
+    tokio::time::timeout(timeout + STOP_ESCALATION, gone).await.is_ok()
+}
+
 pub async fn request(task_dir: &Path, req: &Request, limit: Duration) -> std::io::Result<Reply> {
     let path = task_dir.join(protocol::CONTROL_SOCKET);
     let fut = async {

@@ -13,8 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::protocol::{self, Pids, Request};
-use super::run::request;
+use super::protocol::{self, Pids};
+use super::run::stop_and_wait;
 
 /// The reason recorded with each VM's exit.
 pub const REASON: &str = "the host is shutting down: stopping the VM gracefully";
@@ -45,24 +45,11 @@ fn running(state_dir: &Path) -> Vec<Running> {
 /// the end.
 pub async fn stop_all(state_dir: &Path, timeout: Duration) -> (usize, Vec<PathBuf>) {
     let vms = running(state_dir);
-    let stop = Request::Stop { timeout, reason: Some(REASON.to_string()) };
-    let asks = vms.iter().map(|vm| request(&vm.task_dir, &stop, Duration::from_secs(5)));
-    let answers = futures_util::future::join_all(asks).await;
-    for (vm, answer) in vms.iter().zip(answers) {
-        if !matches!(answer, Ok(ref r) if r.ok) {
-            // No supervisor to ask: the VMM gets what systemd would send.
-            if let Some(vmm) = vm.pids.vmm {
-                vmm.signal_group(nix::sys::signal::Signal::SIGTERM);
-            }
-        }
-    }
-    // The supervisors' own budget: the timeout, then TERM and KILL.
-    let budget = timeout + Duration::from_secs(10);
-    let waits = vms.iter().map(|vm| async move {
-        let vmm = vm.pids.vmm?;
-        tokio::time::timeout(budget, vmm.exited()).await.err().map(|_| vm.task_dir.clone())
+    let stops = vms.iter().map(|vm| async move {
+        let stopped = stop_and_wait(&vm.task_dir, &vm.pids, timeout, Some(REASON.to_string())).await;
+        (!stopped).then(|| vm.task_dir.clone())
     });
-    let left: Vec<PathBuf> = futures_util::future::join_all(waits).await.into_iter().flatten().collect();
+    let left: Vec<PathBuf> = futures_util::future::join_all(stops).await.into_iter().flatten().collect();
     (vms.len(), left)
 }
 

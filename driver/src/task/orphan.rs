@@ -25,7 +25,7 @@ use super::Tasks;
 use super::state::DriverState;
 use crate::config::TaskConfig;
 use crate::proc::ProcessId;
-use crate::supervisor::protocol::{self, LaunchSpec, Pids, Request};
+use crate::supervisor::protocol::{self, LaunchSpec, Pids};
 
 /// Whether `owner` (a claim's task dir) is an earlier start of `task` that
 /// nobody follows.
@@ -90,15 +90,8 @@ pub(super) async fn reclaim(tasks: &Tasks, task: &ProtoTaskConfig, owner: &Path)
         format!("an earlier start of this task ({}) left its VM behind, unknown to Nomad: removing it", spec.task_id),
     );
     let timeout = tasks.config().default_stop_timeout;
-    let _ =
-        crate::supervisor::run::request(owner, &Request::Stop { timeout, reason: None }, Duration::from_secs(5)).await;
     let pids: Pids = protocol::read_json(&owner.join(protocol::PIDS_FILE)).unwrap_or_default();
-    let gone = async {
-        for p in pids.supervisor.iter().chain(pids.vmm.iter()) {
-            p.exited().await;
-        }
-    };
-    if tokio::time::timeout(timeout + Duration::from_secs(10), gone).await.is_err() {
+    if !crate::supervisor::run::stop_and_wait(owner, &pids, timeout, None).await {
         for p in pids.vmm.iter().chain(pids.supervisor.iter()) {
             p.signal_group(nix::sys::signal::Signal::SIGKILL);
             p.signal(nix::sys::signal::Signal::SIGKILL);
@@ -106,8 +99,7 @@ pub(super) async fn reclaim(tasks: &Tasks, task: &ProtoTaskConfig, owner: &Path)
         for p in pids.virtiofsd.iter().map(|(_, p)| p) {
             p.signal(nix::sys::signal::Signal::SIGKILL);
         }
-        let all: Vec<ProcessId> = pids.supervisor.iter().chain(pids.vmm.iter()).copied().collect();
-        for p in all {
+        for p in pids.supervisor.iter().chain(pids.vmm.iter()) {
             let _ = tokio::time::timeout(Duration::from_secs(5), p.exited()).await;
         }
     }

@@ -99,11 +99,11 @@ async fn prepare(
     // with a new id as the owner of the VM directory's claim.
     let workdir_claim = claims::workdir_claim(&paths.slug);
     let claim_owner = std::fs::read_link(claims::claims_dir(&config.state_dir).join(&workdir_claim)).ok();
+    let stdout = path_or_null(&task.stdout_path);
     for earlier in std::iter::once(paths.task_dir.clone()).chain(claim_owner) {
         if !earlier.join(protocol::SPEC_FILE).exists() {
             continue;
         }
-        let stdout = path_or_null(&task.stdout_path);
         if let Some(state) = super::orphan::adopt(tasks, task, &earlier, cfg, &runner.path, &stdout) {
             return Ok(state);
         }
@@ -198,7 +198,7 @@ async fn prepare(
         vmm_uid: uid,
         vmm_gid: gid,
         vmm_groups: vec![gid],
-        stdout_path: path_or_null(&task.stdout_path),
+        stdout_path: stdout,
         stderr_path: path_or_null(&task.stderr_path),
         virtiofsd: launches,
         env: vmm_env(task, &paths.work_dir),
