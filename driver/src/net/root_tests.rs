@@ -116,6 +116,21 @@ fn reopen(name: &str, flags: libc::c_int) -> std::io::Result<fs::File> {
     Ok(file)
 }
 
+/// [`reopen`], waiting out EBUSY: a single-queue tap takes one fd at a time,
+/// and a process another test forks in this moment holds a copy of ours
+/// (close-on-exec closes it only at its exec).
+fn reopen_settled(name: &str, flags: libc::c_int) -> std::io::Result<fs::File> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match reopen(name, flags) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 #[test]
 fn tap_single_queue_with_vnet_hdr() {
     if !require_root() {
@@ -139,8 +154,8 @@ fn tap_single_queue_with_vnet_hdr() {
 
         // What the VMM does: reopen by name with the same queue mode.
         let vnet = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-        drop(reopen("vmtap0", vnet).expect("reopen single-queue tap"));
-        let err = reopen("vmtap0", vnet | libc::IFF_MULTI_QUEUE).unwrap_err();
+        drop(reopen_settled("vmtap0", vnet).expect("reopen single-queue tap"));
+        let err = reopen_settled("vmtap0", vnet | libc::IFF_MULTI_QUEUE).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
 
         let err = net.create_tap(&tap("vmtap0", false, None)).unwrap_err();
