@@ -162,6 +162,7 @@
 # | `driver.allowedShareRoots` | `[ ]` | `allowed_share_roots` |
 # | `driver.fingerprintPeriod` | `"30s"` | `fingerprint_period` |
 # | `driver.stopWithoutAgentAfter` | `"45s"` (the driver's own default: `0s`, never) | `stop_without_agent_after`; keep it below the jobs' `stop_on_client_after` (gitfront's: `gitfront.settings.job.stopOnClientAfter`, 1m) |
+# | `driver.execSshKeyFile` | `null` | `exec_ssh_key_file`; a path outside the store (`/run/keys/…`, agenix, sops-nix) |
 # | `bridge.enable` | `false` | a bridge for the VMs' taps (systemd-networkd), the driver's default bridge |
 # | `bridge.name` | `"vmbr0"` | its name |
 # | `bridge.interfaces` | `[ ]` | uplinks enslaved to it (their addresses move to the bridge) |
@@ -537,6 +538,10 @@ in
         {
           assertion = !(inStore cfg.cache.signingKeyFile);
           message = "services.nomad-microvm.cache.signingKeyFile must not be in the Nix store (it is world-readable there).";
+        }
+        {
+          assertion = !(inStore cfg.driver.execSshKeyFile);
+          message = "services.nomad-microvm.driver.execSshKeyFile must not be in the Nix store (it is world-readable there).";
         }
         {
           assertion = !(inStore cfg.gitfront.settings.nomad.tokenFile);

@@ -124,6 +124,12 @@ let
       default = "0s";
       description = "Shut a VM down when no Nomad agent has been connected to the plugin for this long (0s: never). Keep it at most the jobs' disconnect.stop_on_client_after, so a node whose agent died stops its VMs before the servers place them elsewhere.";
     };
+    execSshKeyFile = {
+      key = "exec_ssh_key_file";
+      kind = "nullPath";
+      default = null;
+      description = "Private key `nomad alloc exec` and script checks log into guests with (as root, over vsock); its public half goes into the guests' root authorized keys. null: the agent's own ssh keys and config. Keep it out of the Nix store.";
+    };
   };
 
   names = builtins.attrNames options;

@@ -80,6 +80,9 @@ pub struct PluginConfig {
     /// `disconnect.stop_on_client_after`, so a node whose agent died stops
     /// its VMs before the servers place replacements elsewhere.
     pub stop_without_agent_after: Duration,
+    /// The private key `nomad alloc exec` and script checks log into guests
+    /// with; none: ssh's own defaults (root's keys and config).
+    pub exec_ssh_key_file: Option<PathBuf>,
 }
 
 impl Default for PluginConfig {
@@ -101,6 +104,7 @@ impl Default for PluginConfig {
             allowed_share_roots: Vec::new(),
             fingerprint_period: Duration::from_secs(30),
             stop_without_agent_after: Duration::ZERO,
+            exec_ssh_key_file: None,
         }
     }
 }
@@ -123,6 +127,7 @@ pub const PLUGIN_KEYS: &[&str] = &[
     "allowed_share_roots",
     "fingerprint_period",
     "stop_without_agent_after",
+    "exec_ssh_key_file",
 ];
 
 pub fn plugin_schema() -> Spec {
@@ -146,6 +151,7 @@ pub fn plugin_schema() -> Spec {
             "stop_without_agent_after",
             attr_or("stop_without_agent_after", "string", &quote(defaults::STOP_WITHOUT_AGENT_AFTER)),
         ),
+        ("exec_ssh_key_file", attr_or("exec_ssh_key_file", "string", "\"\"")),
     ])
 }
 
@@ -222,6 +228,7 @@ fn plugin_config_from(o: &Object<'_>) -> Result<PluginConfig, ConfigError> {
             .unwrap_or(d.fingerprint_period),
         stop_without_agent_after: duration("stop_without_agent_after", o.string("stop_without_agent_after")?)?
             .unwrap_or(d.stop_without_agent_after),
+        exec_ssh_key_file: absolute("exec_ssh_key_file", non_empty(o.string("exec_ssh_key_file")?).map(PathBuf::from))?,
     };
     config.validate()?;
     Ok(config)
@@ -396,8 +403,10 @@ mod tests {
             ("default_stop_timeout", Value::from("1m30s")),
             ("substituters", Value::Array(vec![Value::from("file:///srv/cache")])),
             ("gcroots_dir", Value::from("")),
+            ("exec_ssh_key_file", Value::from("/etc/nomad-microvm/exec_key")),
         ]))
         .unwrap();
+        assert_eq!(c.exec_ssh_key_file, Some(PathBuf::from("/etc/nomad-microvm/exec_key")));
         assert_eq!(c.state_dir, PathBuf::from("/srv/vms"));
         assert_eq!(c.default_bridge.as_deref(), Some("br0"));
         assert!(c.bridge_allowed("br0") && c.bridge_allowed("br1") && !c.bridge_allowed("br2"));
@@ -424,6 +433,7 @@ mod tests {
                 "`substituters`: \"/srv/cache\" is not a store URL",
             ),
             ("allow_root_vmm", Value::from("yes"), "`allow_root_vmm`: expected a bool, found a string"),
+            ("exec_ssh_key_file", Value::from("id_ed25519"), "`exec_ssh_key_file`: id_ed25519 is not an absolute path"),
         ];
         for (key, value, want) in cases {
             let err = decode_plugin_config(&enc(&[(key, value)])).unwrap_err().to_string();

@@ -169,6 +169,49 @@ pub fn proxy(address: &GuestAddress, port: u32) -> Result<(), VsockError> {
     Ok(())
 }
 
+/// How the driver logs into a guest: `ssh root@<guest> -- <command>` with
+/// `nomad-driver-microvm vsock-proxy` as its ProxyCommand.
+#[derive(Debug, Clone)]
+pub struct SshLogin {
+    /// The driver binary, which serves `vsock-proxy`.
+    pub proxy_exe: PathBuf,
+    /// The private key to log in with (plugin key `exec_ssh_key_file`); none:
+    /// whatever ssh finds for the user the agent runs as.
+    pub key: Option<PathBuf>,
+}
+
+impl SshLogin {
+    /// The guest's host key is not known ahead (it is made at its first
+    /// boot); the vsock address itself is what identifies the guest.
+    /// `tty`: force a guest-side pty even though stdin is a pipe.
+    pub fn command(&self, address: &GuestAddress, command: &[String], tty: bool) -> std::process::Command {
+        let proxy = std::iter::once(self.proxy_exe.display().to_string())
+            .chain(address.proxy_args(SSH_PORT))
+            .map(|a| shell_quote(&a))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut ssh = std::process::Command::new("ssh");
+        ssh.arg("-o")
+            .arg(format!("ProxyCommand={proxy}"))
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]);
+        if let Some(key) = &self.key {
+            // Only this key: an agent's or the user's other keys are not tried.
+            ssh.args(["-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-i"]).arg(key);
+        }
+        if tty {
+            ssh.arg("-tt");
+        }
+        ssh.args(["root@microvm", "--"]).args(command);
+        ssh
+    }
+}
+
+/// `'text'` for sh, which runs ssh's ProxyCommand.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
 /// Copies until EOF or an error, a read at a time. Not `io::copy`: between
 /// two Files it splices, and a splice between a socket and ssh's pipes
 /// was seen to stall the session here.
@@ -193,6 +236,32 @@ mod tests {
     use super::*;
     use std::io::BufRead;
     use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn ssh_goes_through_the_proxy_quoted_for_sh() {
+        assert_eq!(shell_quote("/a b/it's"), "'/a b/it'\\''s'");
+        let address = GuestAddress::Mux { socket: "/var/lib/x y/notify.vsock".into() };
+        let args = |login: &SshLogin, tty: bool| -> Vec<String> {
+            let ssh = login.command(&address, &["uname".into(), "-a".into()], tty);
+            ssh.get_args().map(|a| a.to_string_lossy().into_owned()).collect()
+        };
+        let mut login = SshLogin { proxy_exe: "/opt/nomad plugins/nomad-driver-microvm".into(), key: None };
+        let plain = args(&login, true);
+        assert_eq!(
+            plain[1],
+            "ProxyCommand='/opt/nomad plugins/nomad-driver-microvm' 'vsock-proxy' '--mux' '/var/lib/x y/notify.vsock' '22'"
+        );
+        assert!(plain.contains(&"-tt".to_string()));
+        assert!(!plain.iter().any(|a| a == "-i" || a.starts_with("IdentitiesOnly")), "{plain:?}");
+        assert_eq!(&plain[plain.len() - 3..], ["--", "uname", "-a"]);
+
+        login.key = Some("/etc/nomad-microvm/exec_key".into());
+        let keyed = args(&login, false);
+        let i = keyed.iter().position(|a| a == "-i").expect("-i");
+        assert_eq!(keyed[i + 1], "/etc/nomad-microvm/exec_key");
+        assert!(keyed.contains(&"IdentitiesOnly=yes".to_string()), "{keyed:?}");
+        assert!(!keyed.contains(&"-tt".to_string()));
+    }
 
     #[test]
     fn address_follows_the_hypervisor() {

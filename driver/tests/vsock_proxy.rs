@@ -14,7 +14,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use microvm_driver::vsock::{GuestAddress, SSH_PORT};
+use microvm_driver::vsock::{GuestAddress, SSH_PORT, SshLogin};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -49,6 +49,7 @@ fn ssh_through_the_vsock_proxy_runs_a_command_in_the_guest() {
     let d = dir.path();
     keygen(&d.join("host_key"));
     keygen(&d.join("client_key"));
+    keygen(&d.join("stranger_key"));
     std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
     let config = d.join("sshd_config");
     std::fs::write(
@@ -63,42 +64,54 @@ fn ssh_through_the_vsock_proxy_runs_a_command_in_the_guest() {
 
     let socket = d.join("notify.vsock");
     let listener = UnixListener::bind(&socket).unwrap();
-    let sshd_config = config.clone();
+    // One connection per ssh run below.
     let vmm = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        let request = read_line(&mut stream);
-        assert_eq!(request, format!("CONNECT {SSH_PORT}"));
-        stream.write_all(b"OK 1073741825\n").unwrap();
-        let fd = OwnedFd::from(stream);
-        // sshd -i exits 255 when the client disconnects: its status says nothing.
-        let _ = Command::new(SSHD)
-            .args(["-i", "-e", "-f"])
-            .arg(&sshd_config)
-            .stdin(Stdio::from(fd.try_clone().unwrap()))
-            .stdout(Stdio::from(fd))
-            .status()
-            .expect("sshd -i");
+        for _ in 0..2 {
+            serve_one(&listener, &config);
+        }
     });
 
+    // The driver's own ssh command line, with `exec_ssh_key_file` set.
     let address = GuestAddress::Mux { socket };
-    let proxy = std::iter::once(env!("CARGO_BIN_EXE_nomad-driver-microvm").to_string())
-        .chain(address.proxy_args(SSH_PORT))
-        .collect::<Vec<_>>()
-        .join(" ");
-    // timeout(1): a stalled relay must fail the test, not hang it.
-    let out = Command::new("timeout")
-        .args(["60", "ssh", "-o"])
-        .arg(format!("ProxyCommand={proxy}"))
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
-        .args(["-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes", "-i"])
-        .arg(d.join("client_key"))
-        .args(["root@microvm", "--", "echo", "guest-says-$((6*7))"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("ssh");
+    let ssh = |key: &str| {
+        let login = SshLogin { proxy_exe: env!("CARGO_BIN_EXE_nomad-driver-microvm").into(), key: Some(d.join(key)) };
+        let ssh = login.command(&address, &["echo".into(), "guest-says-$((6*7))".into()], false);
+        // timeout(1): a stalled relay must fail the test, not hang it.
+        Command::new("timeout")
+            .arg("60")
+            .arg(ssh.get_program())
+            .args(ssh.get_args())
+            .stdin(Stdio::null())
+            .output()
+            .expect("ssh")
+    };
+    let out = ssh("client_key");
     assert!(out.status.success(), "ssh: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "guest-says-42\n");
+    // A key the guest does not authorize is refused: the login really uses
+    // `exec_ssh_key_file`, not some key of root's.
+    let out = ssh("stranger_key");
+    assert_eq!(out.status.code(), Some(255), "ssh with an unauthorized key: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
     vmm.join().unwrap();
+}
+
+/// Plays the VMM's side of one `notify.vsock` connection: answers
+/// `CONNECT 22` and hands the stream to `sshd -i`.
+fn serve_one(listener: &UnixListener, sshd_config: &Path) {
+    let (mut stream, _) = listener.accept().unwrap();
+    let request = read_line(&mut stream);
+    assert_eq!(request, format!("CONNECT {SSH_PORT}"));
+    stream.write_all(b"OK 1073741825\n").unwrap();
+    let fd = OwnedFd::from(stream);
+    // sshd -i exits 255 when the client disconnects: its status says nothing.
+    let _ = Command::new(SSHD)
+        .args(["-i", "-e", "-f"])
+        .arg(sshd_config)
+        .stdin(Stdio::from(fd.try_clone().unwrap()))
+        .stdout(Stdio::from(fd))
+        .status()
+        .expect("sshd -i");
 }
 
 #[test]

@@ -121,6 +121,7 @@ const SAMPLE: &str = r#"{
   allowedShareRoots = [ "/srv/shares" ];
   fingerprintPeriod = "45s";
   stopWithoutAgentAfter = "50s";
+  execSshKeyFile = "/run/keys/microvm-exec";
 }"#;
 
 fn driver_keys() -> BTreeSet<String> {
@@ -186,6 +187,7 @@ fn every_option_set_is_accepted_and_taken_by_the_driver() {
         r#""/srv/shares""#,
         "fingerprint_period: 45s",
         "stop_without_agent_after: 50s",
+        r#"exec_ssh_key_file: Some("/run/keys/microvm-exec")"#,
     ] {
         assert!(dumped.contains(&compact(want)), "check-config did not take {want}:\n{dump}");
     }
@@ -705,6 +707,10 @@ fn module_refuses_bad_settings() {
         ("{ enable = true; role = \"client\"; }", "a client-only node needs `servers`"),
         ("{ enable = true; gitfront.users.Alice.sshKeys = [ ]; }", "Alice is not a gitfront user name"),
         ("{ enable = true; cache.signingKeyFile = \"/nix/store/abc-key\"; }", "must not be in the Nix store"),
+        (
+            "{ enable = true; driver.execSshKeyFile = \"/nix/store/abc-key\"; }",
+            "execSshKeyFile must not be in the Nix store",
+        ),
     ];
     for (settings, want) in cases {
         let failed = failed_assertions(&module_eval(settings));

@@ -193,6 +193,25 @@ async fn exec_task_answers_script_checks() {
     assert_ne!(answer.result.as_ref().map(|r| r.exit_code), Some(0), "{answer:?}");
     let stderr = String::from_utf8_lossy(&answer.stderr).to_string();
     assert!(stderr.contains("cannot connect to port 22 of vsock CID 78"), "{stderr}");
+
+    // With `exec_ssh_key_file` set, ssh logs in with that key, and a key file
+    // that is not there is named instead of ssh failing later.
+    let key = w.dir.path().join("exec_key");
+    let extra = format!("    exec_ssh_key_file = \"{}\"\n", key.display());
+    w.set_config(&extra).await;
+    let answer = exec(vsock.id.clone()).await;
+    assert_eq!(answer.result.as_ref().map(|r| r.exit_code), Some(126), "{answer:?}");
+    let stderr = String::from_utf8_lossy(&answer.stderr).to_string();
+    assert!(stderr.contains(&format!("exec_ssh_key_file {} does not exist", key.display())), "{stderr}");
+    let keygen = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(keygen.success());
+    let answer = exec(vsock.id.clone()).await;
+    let stderr = String::from_utf8_lossy(&answer.stderr).to_string();
+    assert!(stderr.contains("cannot connect to port 22 of vsock CID 78"), "{stderr}");
     for task in [plain, vsock] {
         driver.destroy_task(DestroyTaskRequest { task_id: task.id, force: true }).await.expect("DestroyTask");
     }

@@ -69,7 +69,14 @@ pub async fn connect(socket: PathBuf) -> Channel {
 pub async fn configured_plugin(dir: &Path, netns: &Netns, state_dir: &Path) -> (PluginProcess, DriverClient<Channel>) {
     let plugin = start_plugin_in(dir, Some(netns));
     let channel = connect(plugin.socket.clone()).await;
-    let hcl = crate::vm::plugin_config(state_dir, "");
+    set_config(&channel, state_dir, "").await;
+    (plugin, DriverClient::new(channel))
+}
+
+/// SetConfig as the agent sends it: the end-to-end worlds' plugin config
+/// over `state_dir` plus `extra` (`key = "string"` lines).
+async fn set_config(channel: &Channel, state_dir: &Path, extra: &str) {
+    let hcl = crate::vm::plugin_config(state_dir, extra);
     let mut pairs = Vec::new();
     for line in hcl.lines() {
         let (k, v) = line.trim().split_once(" = ").expect("key = value");
@@ -81,7 +88,6 @@ pub async fn configured_plugin(dir: &Path, netns: &Netns, state_dir: &Path) -> (
         .set_config(SetConfigRequest { msgpack_config: config, nomad_config: None, plugin_api_version: "0.1.0".into() })
         .await
         .expect("SetConfig");
-    (plugin, DriverClient::new(channel))
 }
 
 /// The TaskConfig the agent sends for task `vm` of `job`, number `n` of
@@ -131,5 +137,10 @@ impl DirectWorld {
         let state_dir = dir.path().join("state");
         let (plugin, driver) = configured_plugin(dir.path(), &netns, &state_dir).await;
         DirectWorld { plugin, driver, netns, runner, state_dir, dir }
+    }
+
+    /// Configures the running plugin again, with `extra` plugin config lines.
+    pub async fn set_config(&self, extra: &str) {
+        set_config(&connect(self.plugin.socket.clone()).await, &self.state_dir, extra).await;
     }
 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::task::Tasks;
-use crate::vsock::{GuestAddress, SSH_PORT};
+use crate::vsock::{GuestAddress, SshLogin};
 
 type Out = mpsc::Sender<Result<ExecTaskStreamingResponse, Status>>;
 
@@ -86,7 +86,10 @@ pub async fn run(
         return;
     }
     match tasks.guest_address(&task_id) {
-        Ok(Some(address)) => guest_command(tasks.self_exe(), &address, &command, tty, inbound, &out).await,
+        Ok(Some(address)) => match login(&tasks) {
+            Ok(login) => guest_command(&login, &address, &command, tty, inbound, &out).await,
+            Err(why) => refuse(&out, &why, CANNOT_RUN).await,
+        },
         Ok(None) => refuse(&out, NO_WAY_IN, CANNOT_RUN).await,
         Err(e) => refuse(&out, &crate::service::status::chain(&e), 1).await,
     }
@@ -106,7 +109,11 @@ pub async fn run_once(tasks: &Tasks, task_id: &str, command: &[String], timeout:
         Ok(None) => return answer(CANNOT_RUN, NO_WAY_IN.to_string()),
         Err(e) => return answer(1, crate::service::status::chain(&e)),
     };
-    let mut ssh = ssh(tasks.self_exe(), &address, command, false);
+    let login = match login(tasks) {
+        Ok(login) => login,
+        Err(why) => return answer(CANNOT_RUN, why),
+    };
+    let mut ssh = ssh(&login, &address, command, false);
     ssh.stdin(std::process::Stdio::null());
     let limit = if timeout.is_zero() { Duration::from_secs(60) } else { timeout };
     match tokio::time::timeout(limit, ssh.output()).await {
@@ -193,42 +200,47 @@ async fn relay(
     input_end.unwrap_or(InputEnd::Closed)
 }
 
-/// `'text'` for sh, which runs ssh's ProxyCommand.
-fn shell_quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "'\\''"))
+/// How the driver logs into guests, or what keeps it from doing so.
+fn login(tasks: &Tasks) -> Result<SshLogin, String> {
+    let key = tasks.config().exec_ssh_key_file.clone();
+    if let Some(key) = &key {
+        usable_key(key)?;
+    }
+    Ok(SshLogin { proxy_exe: tasks.self_exe().to_path_buf(), key })
 }
 
-/// `ssh root@<guest> -- <command>` through `nomad-driver-microvm vsock-proxy`.
-/// The guest's host key is not known ahead (it is made at its first boot);
-/// the vsock address itself is what identifies the guest.
-fn ssh(self_exe: &Path, address: &GuestAddress, command: &[String], tty: bool) -> tokio::process::Command {
-    let proxy = std::iter::once(self_exe.display().to_string())
-        .chain(address.proxy_args(SSH_PORT))
-        .map(|a| shell_quote(&a))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut ssh = tokio::process::Command::new("ssh");
-    ssh.arg("-o")
-        .arg(format!("ProxyCommand={proxy}"))
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]);
-    if tty {
-        // The session's stdin is a pipe here: force the guest-side pty.
-        ssh.arg("-tt");
+/// ssh would only warn about these on stderr and then fail to log in.
+fn usable_key(key: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = key.display();
+    match std::fs::metadata(key) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(format!("exec_ssh_key_file {shown} does not exist (plugin config)"))
+        }
+        Err(e) => Err(format!("cannot read exec_ssh_key_file {shown}: {e}")),
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => Err(format!(
+            "exec_ssh_key_file {shown} has mode {:04o}: ssh ignores a private key others may read (chmod 600 it)",
+            m.permissions().mode() & 0o7777
+        )),
+        Ok(_) => Ok(()),
     }
-    ssh.args(["root@microvm", "--"]).args(command).kill_on_drop(true);
+}
+
+fn ssh(login: &SshLogin, address: &GuestAddress, command: &[String], tty: bool) -> tokio::process::Command {
+    let mut ssh = tokio::process::Command::from(login.command(address, command, tty));
+    ssh.kill_on_drop(true);
     ssh
 }
 
 async fn guest_command(
-    self_exe: &Path,
+    login: &SshLogin,
     address: &GuestAddress,
     command: &[String],
     tty: bool,
     inbound: Streaming<ExecTaskStreamingRequest>,
     out: &Out,
 ) {
-    let child = ssh(self_exe, address, command, tty)
+    let child = ssh(login, address, command, tty)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -263,19 +275,19 @@ async fn guest_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn proxy_command_is_quoted_for_sh() {
-        assert_eq!(shell_quote("/a b/it's"), "'/a b/it'\\''s'");
-        let address = GuestAddress::Mux { socket: "/var/lib/x y/notify.vsock".into() };
-        let ssh =
-            ssh(Path::new("/opt/nomad plugins/nomad-driver-microvm"), &address, &["uname".into(), "-a".into()], true);
-        let args: Vec<String> = ssh.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert_eq!(
-            args[1],
-            "ProxyCommand='/opt/nomad plugins/nomad-driver-microvm' 'vsock-proxy' '--mux' '/var/lib/x y/notify.vsock' '22'"
-        );
-        assert!(args.contains(&"-tt".to_string()));
-        assert_eq!(&args[args.len() - 3..], ["--", "uname", "-a"]);
+    fn keys_ssh_would_ignore_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("exec_key");
+        let err = usable_key(&key).unwrap_err();
+        assert_eq!(err, format!("exec_ssh_key_file {} does not exist (plugin config)", key.display()));
+        std::fs::write(&key, "not really a key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = usable_key(&key).unwrap_err();
+        assert!(err.contains("has mode 0640: ssh ignores a private key others may read"), "{err}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(usable_key(&key), Ok(()));
     }
 }
