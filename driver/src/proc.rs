@@ -67,6 +67,13 @@ impl ProcessId {
         self.is_alive() && nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), signal).is_ok()
     }
 
+    /// SIGKILL to this process and to the group it leads: the last resort
+    /// of a stop (a supervisor leads no group, a VMM leads its helpers').
+    pub fn kill_with_group(&self) {
+        self.signal_group(nix::sys::signal::Signal::SIGKILL);
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+
     /// A pidfd for this process, checked against the start time after opening
     /// (so a reused pid is never watched by mistake).
     pub fn pidfd(&self) -> io::Result<OwnedFd> {

@@ -124,9 +124,8 @@ fn connect_kernel(cid: u32, port: u32) -> Result<OwnedFd, VsockError> {
 }
 
 fn connect_mux(socket: &Path, port: u32) -> Result<UnixStream, VsockError> {
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|source| VsockError::MuxConnect { socket: socket.to_path_buf(), source })?;
     let io_error = |source| VsockError::MuxConnect { socket: socket.to_path_buf(), source };
+    let mut stream = UnixStream::connect(socket).map_err(io_error)?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(io_error)?;
     // One byte at a time: whatever follows the answer line is the guest's.
     let mut answer = Vec::new();

@@ -85,13 +85,9 @@ pub async fn run(
         }
         return;
     }
-    match tasks.guest_address(&task_id) {
-        Ok(Some(address)) => match login(&tasks) {
-            Ok(login) => guest_command(&login, &address, &command, tty, inbound, &out).await,
-            Err(why) => refuse(&out, &why, CANNOT_RUN).await,
-        },
-        Ok(None) => refuse(&out, NO_WAY_IN, CANNOT_RUN).await,
-        Err(e) => refuse(&out, &crate::service::status::chain(&e), 1).await,
+    match way_in(&tasks, &task_id) {
+        Ok((login, address)) => guest_command(&login, &address, &command, tty, inbound, &out).await,
+        Err((code, why)) => refuse(&out, &why, code).await,
     }
 }
 
@@ -104,14 +100,9 @@ pub async fn run_once(tasks: &Tasks, task_id: &str, command: &[String], timeout:
         stderr: format!("{stderr}\n").into_bytes(),
         result: Some(ExitResult { exit_code: code, signal: 0, oom_killed: false }),
     };
-    let address = match tasks.guest_address(task_id) {
-        Ok(Some(a)) => a,
-        Ok(None) => return answer(CANNOT_RUN, NO_WAY_IN.to_string()),
-        Err(e) => return answer(1, crate::service::status::chain(&e)),
-    };
-    let login = match login(tasks) {
-        Ok(login) => login,
-        Err(why) => return answer(CANNOT_RUN, why),
+    let (login, address) = match way_in(tasks, task_id) {
+        Ok(found) => found,
+        Err((code, why)) => return answer(code, why),
     };
     let mut ssh = ssh(&login, &address, command, false);
     ssh.stdin(std::process::Stdio::null());
@@ -200,13 +191,19 @@ async fn relay(
     input_end.unwrap_or(InputEnd::Closed)
 }
 
-/// How the driver logs into guests, or what keeps it from doing so.
-fn login(tasks: &Tasks) -> Result<SshLogin, String> {
+/// How the driver logs into `task_id`'s guest and where the guest is, or
+/// the exit code and message of why no command can run there.
+fn way_in(tasks: &Tasks, task_id: &str) -> Result<(SshLogin, GuestAddress), (i32, String)> {
+    let address = match tasks.guest_address(task_id) {
+        Ok(Some(address)) => address,
+        Ok(None) => return Err((CANNOT_RUN, NO_WAY_IN.to_string())),
+        Err(e) => return Err((1, crate::service::status::chain(&e))),
+    };
     let key = tasks.config().exec_ssh_key_file.clone();
     if let Some(key) = &key {
-        usable_key(key)?;
+        usable_key(key).map_err(|why| (CANNOT_RUN, why))?;
     }
-    Ok(SshLogin { proxy_exe: tasks.self_exe().to_path_buf(), key })
+    Ok((SshLogin { proxy_exe: tasks.self_exe().to_path_buf(), key }, address))
 }
 
 /// ssh would only warn about these on stderr and then fail to log in.

@@ -588,7 +588,6 @@ pub async fn attach_console(task_dir: &Path) -> std::io::Result<UnixStream> {
     if reply.ok { Ok(stream) } else { Err(std::io::Error::other(reply.error.unwrap_or_default())) }
 }
 
-/// One request over a task's control socket (used by the plugin).
 /// How long a supervisor may take beyond a stop's timeout: SIGTERM, its
 /// grace, SIGKILL, and recording the exit.
 pub const STOP_ESCALATION: Duration = Duration::from_secs(10);
@@ -612,6 +611,7 @@ pub async fn stop_and_wait(task_dir: &Path, pids: &Pids, timeout: Duration, reas
     tokio::time::timeout(timeout + STOP_ESCALATION, gone).await.is_ok()
 }
 
+/// One request over a task's control socket (used by the plugin).
 pub async fn request(task_dir: &Path, req: &Request, limit: Duration) -> std::io::Result<Reply> {
     let path = task_dir.join(protocol::CONTROL_SOCKET);
     let fut = async {

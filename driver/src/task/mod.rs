@@ -424,10 +424,7 @@ impl Tasks {
         let budget = timeout + Duration::from_secs(20);
         if tokio::time::timeout(budget, rx.wait_for(|r| r.is_some())).await.is_err() {
             self.emit(&tracked.proto, "the VM did not stop in time: killing it and its supervisor");
-            for p in state.vmm.iter().chain(state.supervisor.iter()) {
-                p.signal_group(Signal::SIGKILL);
-                p.signal(Signal::SIGKILL);
-            }
+            state.vmm.iter().chain(state.supervisor.iter()).for_each(ProcessId::kill_with_group);
             let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| r.is_some())).await;
         }
         Ok(())

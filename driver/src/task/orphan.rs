@@ -92,10 +92,7 @@ pub(super) async fn reclaim(tasks: &Tasks, task: &ProtoTaskConfig, owner: &Path)
     let timeout = tasks.config().default_stop_timeout;
     let pids: Pids = protocol::read_json(&owner.join(protocol::PIDS_FILE)).unwrap_or_default();
     if !crate::supervisor::run::stop_and_wait(owner, &pids, timeout, None).await {
-        for p in pids.vmm.iter().chain(pids.supervisor.iter()) {
-            p.signal_group(nix::sys::signal::Signal::SIGKILL);
-            p.signal(nix::sys::signal::Signal::SIGKILL);
-        }
+        pids.vmm.iter().chain(pids.supervisor.iter()).for_each(ProcessId::kill_with_group);
         for p in pids.virtiofsd.iter().map(|(_, p)| p) {
             p.signal(nix::sys::signal::Signal::SIGKILL);
         }
