@@ -100,10 +100,10 @@
 # the VMs running: the agent's unit keeps `KillMode=process`.
 #
 # Secrets are never options' values: options that need one take the path of
-# a file read at run time (`cache.signingKeyFile`, `gitfront.settings.nomad.tokenFile`),
-# refuse Nix path literals (which would copy the file into the store) and
-# store paths, and must be readable by the gitfront user (under `/run/keys`
-# the module adds it to the `keys` group). Nomad's own secrets
+# a file read at run time (`cache.signingKeyFile`, `gitfront.settings.nomad.tokenFile`,
+# `driver.execSshKeyFile`), refuse Nix path literals (which would copy the
+# file into the store) and store paths; gitfront's must be readable by the
+# gitfront user (under `/run/keys` the module adds it to the `keys` group). Nomad's own secrets
 # (gossip key, ACL and TLS settings) go through `services.nomad.credentials`
 # or `services.nomad.extraSettingsPaths`.
 #
@@ -346,10 +346,18 @@ let
   stopWithoutAgent = durationSeconds cfg.driver.stopWithoutAgentAfter;
   stopOnClient = durationSeconds cfg.gitfront.settings.job.stopOnClientAfter;
 
+  # The options that name secret files (option path -> value): none may be
+  # in the store. gitfront reads its own; the agent (root) reads the driver's.
+  gitfrontSecretFiles = {
+    "cache.signingKeyFile" = cfg.cache.signingKeyFile;
+    "gitfront.settings.nomad.tokenFile" = cfg.gitfront.settings.nomad.tokenFile;
+  };
+  secretFiles = gitfrontSecretFiles // { "driver.execSshKeyFile" = cfg.driver.execSshKeyFile; };
+
   # NixOS mounts /run/keys root:keys 0750: secret files there are readable
   # by the gitfront user only through the `keys` group.
   secretsInRunKeys = builtins.any (p: p != null && lib.hasPrefix "/run/keys/" p)
-    [ cfg.cache.signingKeyFile cfg.gitfront.settings.nomad.tokenFile ];
+    (builtins.attrValues gitfrontSecretFiles);
 
   # Uplinks the host also configures itself: their addresses or DHCP leases
   # would land on a bridge port, where they do not work.
@@ -360,6 +368,7 @@ let
     cfg.bridge.interfaces;
 
   trustedUsers = config.nix.settings.trusted-users or [ ];
+  nixSandbox = config.nix.settings.sandbox or true;
 in
 {
   options.services.nomad-microvm = {
@@ -535,19 +544,13 @@ in
           assertion = cfg.role != "client" || cfg.servers != [ ];
           message = "services.nomad-microvm: a client-only node needs `servers` to join.";
         }
-        {
-          assertion = !(inStore cfg.cache.signingKeyFile);
-          message = "services.nomad-microvm.cache.signingKeyFile must not be in the Nix store (it is world-readable there).";
-        }
-        {
-          assertion = !(inStore cfg.driver.execSshKeyFile);
-          message = "services.nomad-microvm.driver.execSshKeyFile must not be in the Nix store (it is world-readable there).";
-        }
-        {
-          assertion = !(inStore cfg.gitfront.settings.nomad.tokenFile);
-          message = "services.nomad-microvm.gitfront.settings.nomad.tokenFile must not be in the Nix store (it is world-readable there).";
-        }
-      ] ++ map
+      ] ++ lib.mapAttrsToList
+        (option: path: {
+          assertion = !(inStore path);
+          message = "services.nomad-microvm.${option} must not be in the Nix store (it is world-readable there).";
+        })
+        secretFiles
+      ++ map
         (name: {
           assertion = builtins.match "[a-z][a-z0-9-]{0,31}" name != null;
           message = "services.nomad-microvm.gitfront.users: ${name} is not a gitfront user name (lower-case letters, digits and '-', starting with a letter, at most 32 bytes).";
@@ -726,11 +729,11 @@ in
       # Pushed flakes are anyone's code: their derivations must build in the
       # Nix sandbox (no network, nothing of the host but the build inputs).
       assertions = [{
-        assertion = (config.nix.settings.sandbox or true) != false;
+        assertion = nixSandbox != false;
         message = "services.nomad-microvm.gitfront: nix.settings.sandbox is false, so the derivations of pushed flakes would build outside the Nix sandbox, with the network and the host's files. Keep the sandbox on (NixOS's default).";
       }];
       warnings =
-        lib.optional ((config.nix.settings.sandbox or true) == "relaxed")
+        lib.optional (nixSandbox == "relaxed")
           "services.nomad-microvm.gitfront: nix.settings.sandbox is \"relaxed\": a pushed flake's derivation with `__noChroot = true` builds outside the sandbox. Set it to true."
         ++ lib.optional (builtins.any (u: builtins.elem u trustedUsers) [ cfg.gitfront.user "@${cfg.gitfront.user}" "*" ])
           "services.nomad-microvm.gitfront: the gitfront user ${cfg.gitfront.user} is in nix.settings.trusted-users: trusted users may turn the sandbox off for their builds and are as good as root on this node. Remove it.";
