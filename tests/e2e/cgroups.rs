@@ -96,9 +96,7 @@ async fn the_vm_runs_in_its_tasks_cgroup_which_goes_with_the_task() {
     // The VMM and both virtiofsd processes are in the scope; the supervisor
     // is not (it removes the scope at the end, which it could not do from inside).
     let relative = format!("/{}", scope.strip_prefix(&slice.mount).unwrap().display());
-    let task_dir = std::fs::read_dir(w.state_dir.join("tasks")).unwrap().next().unwrap().unwrap().path();
-    let pids: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(task_dir.join("pids.json")).unwrap()).unwrap();
+    let pids = microvm_e2e::vm::only_task_pids(&w.state_dir);
     let vmm = pids["vmm"]["pid"].as_i64().expect("VMM pid");
     let virtiofsd = pids["virtiofsd"][0][1]["pid"].as_i64().expect("virtiofsd pid");
     assert_eq!(cgroup_of(vmm), relative, "the VMM");

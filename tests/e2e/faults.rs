@@ -17,15 +17,14 @@ fn boot_count(w: &World, job: &str) -> String {
     std::fs::read_to_string(w.work_dir(job).join("data/microvm-marker")).unwrap_or_default()
 }
 
-/// The file `name` below the first entry of `dir` (a task or work dir: the
-/// tests here have one), or "" while there is none.
+/// The first entry of `dir` (a task or work dir: the tests here have one).
+fn first_entry(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir).ok()?.next()?.ok().map(|e| e.path())
+}
+
+/// The file `name` below [`first_entry`] of `dir`, or "" while there is none.
 fn read_in_first_entry(dir: &std::path::Path, name: &str) -> String {
-    std::fs::read_dir(dir)
-        .ok()
-        .and_then(|mut d| d.next())
-        .and_then(|e| e.ok())
-        .and_then(|e| std::fs::read_to_string(e.path().join(name)).ok())
-        .unwrap_or_default()
+    first_entry(dir).and_then(|e| std::fs::read_to_string(e.join(name)).ok()).unwrap_or_default()
 }
 
 fn one_vmm(w: &World, host: &str) -> i32 {
@@ -96,8 +95,7 @@ fn kill_the_plugin_during_a_start(
     let plugin = w.agent.plugin_pids();
     assert_eq!(plugin.len(), 1);
     let task_dir = wait_until("the moment to kill", Duration::from_secs(60), Duration::from_millis(1), || {
-        let dir = std::fs::read_dir(&tasks).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map(|e| e.path());
-        match dir {
+        match first_entry(&tasks) {
             Some(d) if now(&w, &d) => Ok(d),
             _ => Err(String::new()),
         }
@@ -356,8 +354,7 @@ async fn stop_all_shuts_every_vm_down_gracefully_for_the_hosts_shutdown() {
     let exit = driver.wait_task(WaitTaskRequest { task_id: task.id.clone() }).await.expect("WaitTask").into_inner();
     assert_eq!(exit.result.as_ref().map(|r| r.exit_code), Some(0), "the guest powered off: {exit:?}");
     assert!(exit.err.contains("the host is shutting down"), "{exit:?}");
-    let task_dir = std::fs::read_dir(w.state_dir.join("tasks")).unwrap().next().unwrap().unwrap().path();
-    let events = std::fs::read_to_string(task_dir.join("events.jsonl")).unwrap();
+    let events = read_in_first_entry(&w.state_dir.join("tasks"), "events.jsonl");
     assert!(events.contains("graceful shutdown: running microvm-shutdown"), "{events}");
     assert!(!events.contains("timed out"), "{events}");
 

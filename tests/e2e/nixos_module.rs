@@ -12,6 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use microvm_e2e::configs::{dotted_keys, driver_config_keys, gitfront_check_config};
 use microvm_e2e::{Group, Netns, driver_bin, nomad_bin, open_tempdir, repo_root, require_root, wait_until};
 
 // ---------------------------------------------------------------------------
@@ -124,12 +125,6 @@ const SAMPLE: &str = r#"{
   execSshKeyFile = "/run/keys/microvm-exec";
 }"#;
 
-fn driver_keys() -> BTreeSet<String> {
-    let out = run(Command::new(driver_bin()).arg("config-keys"));
-    assert!(out.status.success(), "config-keys: {}", text(&out.stderr));
-    text(&out.stdout).lines().map(str::to_string).collect()
-}
-
 /// `nomad-driver-microvm check-config` on `json`: Ok(its dump) or Err(its error).
 fn check_config(json: &serde_json::Value) -> Result<String, String> {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -140,8 +135,8 @@ fn check_config(json: &serde_json::Value) -> Result<String, String> {
 }
 
 #[test]
-fn module_renders_exactly_the_driver_keys() {
-    let driver = driver_keys();
+fn module_renders_exactly_the_driver_config_keys() {
+    let driver = driver_config_keys();
     let nix: BTreeSet<String> = serde_json::from_value(nix_eval("p.keys")).unwrap();
     let missing: Vec<_> = driver.difference(&nix).collect();
     let unknown: Vec<_> = nix.difference(&driver).collect();
@@ -195,7 +190,8 @@ fn every_option_set_is_accepted_and_taken_by_the_driver() {
 
 #[test]
 fn module_defaults_are_the_driver_defaults() {
-    let from_nix = check_config(&nix_eval("p.render p.defaults")).expect("defaults accepted");
+    let rendered_defaults = nix_eval("p.render p.defaults");
+    let from_nix = check_config(&rendered_defaults).expect("defaults accepted");
     let driver = check_config(&serde_json::json!({})).expect("empty config accepted");
     assert_eq!(from_nix, driver, "driver/plugin-config.nix's defaults differ from driver/src/config.rs's");
 
@@ -217,8 +213,7 @@ fn module_defaults_are_the_driver_defaults() {
              stop_on_client_after (1m), longer than an agent restart",
         ),
     ];
-    let table: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_value(nix_eval("p.render p.defaults")).unwrap();
+    let table: serde_json::Map<String, serde_json::Value> = serde_json::from_value(rendered_defaults).unwrap();
     let host =
         module_eval("{ enable = true; }")["services"]["nomad"]["settings"]["plugin"]["nomad-driver-microvm"]["config"]
             .clone();
@@ -812,7 +807,7 @@ fn nomad_agent_loads_the_settings_the_module_writes() {
     let ours = plugins.iter().find(|p| p["Name"] == "nomad-driver-microvm").unwrap_or_else(|| panic!("{plugins:?}"));
     let config = &ours["Config"];
     let keys: BTreeSet<String> = config.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
-    assert_eq!(keys, driver_keys(), "the agent's plugin config: {config}");
+    assert_eq!(keys, driver_config_keys(), "the agent's plugin config: {config}");
     assert_eq!(config["default_stop_timeout"], "1m30s", "{config}");
     assert_eq!(config["allowed_bridges"], serde_json::json!(["br-lab", "br-dmz"]), "{config}");
 }
@@ -872,39 +867,6 @@ fn front_eval_err(expr: &str) -> String {
 fn to_toml(rendered: &serde_json::Value) -> String {
     let value: toml::Value = serde_json::from_value(rendered.clone()).expect("rendered config as TOML");
     toml::to_string(&value).expect("TOML text")
-}
-
-/// `gitfront check-config FILE`: Ok(the effective config) or Err(its error).
-fn gitfront_check_config(toml_text: &str) -> Result<toml::Value, String> {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("gitfront.toml");
-    std::fs::write(&file, toml_text).expect("write gitfront.toml");
-    let out = run(Command::new(microvm_e2e::bins::gitfront_bin()).arg("check-config").arg(&file));
-    if !out.status.success() {
-        return Err(text(&out.stderr));
-    }
-    Ok(toml::from_str(&text(&out.stdout))
-        .unwrap_or_else(|e| panic!("gitfront check-config printed no TOML ({e}):\n{}", text(&out.stdout))))
-}
-
-/// Dotted keys of a TOML document (`nomad.token_file`, …).
-fn dotted_keys(value: &toml::Value) -> BTreeSet<String> {
-    fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeSet<String>) {
-        match v.as_table() {
-            Some(t) => {
-                for (k, v) in t {
-                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                    walk(&key, v, out);
-                }
-            }
-            None => {
-                out.insert(prefix.to_string());
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    walk("", value, &mut out);
-    out
 }
 
 #[test]
@@ -1004,7 +966,9 @@ fn gitfront_render_refuses_missing_and_unknown_options() {
 // ---------------------------------------------------------------------------
 // Secrets: only paths of files, never values
 
-/// Names that suggest a secret value.
+/// Names that suggest a secret value. Names with "ssh" are exempt: tenants'
+/// `sshKeys` are public keys, and the driver's `execSshKeyFile` is a path,
+/// refused in the store by an assertion of its own (`module_refuses_bad_settings`).
 fn secretish(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     ["secret", "token", "password", "passwd", "credential", "private", "signing"].iter().any(|w| n.contains(w))

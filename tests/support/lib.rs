@@ -5,6 +5,7 @@
 
 pub mod bins;
 pub mod cluster;
+pub mod configs;
 pub mod gitfront;
 pub mod netns;
 pub mod nomad;

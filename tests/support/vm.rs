@@ -21,6 +21,18 @@ pub struct World {
     pub state_dir: PathBuf,
 }
 
+/// pids.json of the one task dir under `state_dir` (the supervisor's record
+/// of its VMM and virtiofsd processes).
+pub fn only_task_pids(state_dir: &Path) -> serde_json::Value {
+    let tasks: Vec<PathBuf> = std::fs::read_dir(state_dir.join("tasks"))
+        .expect("tasks dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    assert_eq!(tasks.len(), 1, "one task dir expected: {tasks:?}");
+    let text = std::fs::read_to_string(tasks[0].join("pids.json")).expect("pids.json");
+    serde_json::from_str(&text).expect("pids.json is JSON")
+}
+
 /// Plugin config for tests: our state dir, the test bridge, the installed
 /// virtiofsd (unless `extra` names another), and the extra lines given.
 pub fn plugin_config(state_dir: &Path, extra: &str) -> String {
@@ -99,16 +111,9 @@ impl World {
         vmm_pids_under(host, &self.state_dir)
     }
 
-    /// pids.json of the one task dir under the state dir (the supervisor's
-    /// record of its VMM and virtiofsd processes).
+    /// See [`only_task_pids`].
     pub fn task_pids(&self) -> serde_json::Value {
-        let tasks: Vec<PathBuf> = std::fs::read_dir(self.state_dir.join("tasks"))
-            .expect("tasks dir")
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        assert_eq!(tasks.len(), 1, "one task dir expected: {tasks:?}");
-        let text = std::fs::read_to_string(tasks[0].join("pids.json")).expect("pids.json");
-        serde_json::from_str(&text).expect("pids.json is JSON")
+        only_task_pids(&self.state_dir)
     }
 
     /// Makes runner `host` (see [`World::runner`]), runs it as job `host`,
