@@ -399,19 +399,17 @@ impl Config {
         let repos_root = abs("repos_root", raw.repos_root, d.repos_root)?;
         let state_dir = abs("state_dir", raw.state_dir, d.state_dir)?;
         if confinement == ConfineMode::Landlock {
-            let kept = [
-                ("repos_root", Some(&repos_root)),
-                ("state_dir", Some(&state_dir)),
-                ("nomad.token_file", nomad.token_file.as_ref()),
-            ];
+            let kept = [("repos_root", &repos_root), ("state_dir", &state_dir)]
+                .into_iter()
+                .chain(nomad.token_file.as_ref().map(|p| ("nomad.token_file", p)));
             for (key, path) in kept {
-                if let Some(root) = path.and_then(|p| crate::confine::readable_root(p)) {
+                if let Some(root) = crate::confine::readable_root(path) {
                     return Err(invalid(
                         key,
                         format!(
                             "{} is under {root}, which nix may read while it evaluates pushed flakes: keep it elsewhere \
                              (like /var/lib or /run/keys)",
-                            path.map(|p| p.display().to_string()).unwrap_or_default()
+                            path.display()
                         ),
                     ));
                 }

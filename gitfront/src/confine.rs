@@ -15,9 +15,7 @@
 //! `no_new_privs` and enters it between fork and exec (two system calls,
 //! safe after fork).
 
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -146,17 +144,18 @@ impl Confinement {
 
     fn allow(&self, path: &Path, access: u64) -> Result<(), ConfineError> {
         let rule_err = |source| ConfineError::Rule { path: path.to_path_buf(), source };
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| rule_err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-        // SAFETY: a NUL-terminated path; O_PATH opens nothing for reading.
-        let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-        if fd < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(rule_err(e)) };
-        }
-        // SAFETY: the fd was just opened here and is owned by this value.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let is_dir = std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
+        // O_PATH opens nothing for reading; what it names is what the rule covers.
+        let fd = match rustix::fs::open(
+            path,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(rule_err(e.into())),
+        };
+        let is_dir =
+            rustix::fs::fstat(&fd).map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir()).unwrap_or(false);
         let attr = PathBeneathAttr {
             allowed_access: if is_dir { access } else { access & FILE_RIGHTS },
             parent_fd: fd.as_raw_fd(),

@@ -245,13 +245,11 @@ impl<'a> HostBuild<'a> {
     /// Returns the runner's store path.
     pub fn runner(&self, out_link: &Path) -> Result<PathBuf, BuildError> {
         let attr = self.runner_attr();
-        if let Some(dir) = out_link.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| BuildError::Dir { path: dir.to_path_buf(), source })?;
-        }
-        let installable = format!("{}#{attr}", self.flake);
-        let link = out_link.to_string_lossy();
         // nix writes the out link (its GC root) itself.
         let link_dir = out_link.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(link_dir).map_err(|source| BuildError::Dir { path: link_dir.to_path_buf(), source })?;
+        let installable = format!("{}#{attr}", self.flake);
+        let link = out_link.to_string_lossy();
         let argv = expand(
             &self.config.build.command,
             &[

@@ -304,9 +304,7 @@ impl Client {
         if status == 404 {
             return Ok(None);
         }
-        if !(200..300).contains(&status) {
-            return Err(NomadError::Refused { method, path: path.to_string(), status, message: message(&text) });
-        }
+        let text = success(method, path, status, text)?;
         // Some writes (namespace upsert) answer 200 with an empty body.
         let text = if text.trim().is_empty() { "null" } else { text.as_str() };
         serde_json::from_str(text).map(Some).map_err(|source| NomadError::Decode {
@@ -394,15 +392,21 @@ impl Client {
     ) -> Result<String, NomadError> {
         let path = format!("/v1/client/fs/logs/{alloc}?task={task}&type={stream}&origin=end&offset={bytes}&plain=true");
         let (status, text) = self.call("GET", &path, Some(namespace), None)?;
-        if !(200..300).contains(&status) {
-            return Err(NomadError::Refused { method: "GET", path, status, message: message(&text) });
-        }
-        Ok(text)
+        success("GET", &path, status, text)
     }
 
     /// The jobs in `namespace`.
     pub fn jobs(&self, namespace: &str) -> Result<Vec<JobStub>, NomadError> {
         Ok(self.json("GET", "/v1/jobs", Some(namespace), None)?.unwrap_or_default())
+    }
+}
+
+/// The body of a 2xx answer; any other status is Nomad refusing, with its message.
+fn success(method: &'static str, path: &str, status: u16, text: String) -> Result<String, NomadError> {
+    if (200..300).contains(&status) {
+        Ok(text)
+    } else {
+        Err(NomadError::Refused { method, path: path.to_string(), status, message: message(&text) })
     }
 }
 

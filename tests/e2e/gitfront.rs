@@ -378,13 +378,14 @@ fn gitfront_refuses_and_creates_nothing() {
     // No Nomad at all: nothing here gets that far.
     let front = Front::start(netns, dir.path(), "http://127.0.0.1:4999");
     // bob's repo, made directly on disk (a push of bob's would need Nomad).
+    let bob_commit = front.seed_repo(
+        "bob",
+        "fleet",
+        "zeta",
+        &[("flake.nix", microvm_e2e::gitfront::flake_nix(&[Host::new("zeta", 9)]))],
+        "bob's",
+    );
     let bob_repo = front.repo_dir("bob", "fleet");
-    std::fs::create_dir_all(bob_repo.parent().unwrap()).unwrap();
-    let scratch = front.workdir("bob", "bob", "fleet");
-    let bob_commit = scratch.commit_flake(&[Host::new("zeta", 9)], "bob's");
-    let init = std::process::Command::new("git").args(["init", "-q", "--bare"]).arg(&bob_repo).output().unwrap();
-    assert!(init.status.success());
-    scratch.git_ok(&["push", "-q", bob_repo.to_str().unwrap(), "main:zeta"]);
     let before = tree(dir.path());
 
     let refused = |user: &str, cmd: Option<&str>, reason: &str| {
@@ -620,17 +621,14 @@ fn gitfront_flakes_cannot_read_local_files() {
 
     // bob's repo, with something only bob should see.
     let bob_mark = random_token("BOB-PRIVATE");
-    let bob_repo = front.repo_dir("bob", "fleet");
-    std::fs::create_dir_all(bob_repo.parent().unwrap()).unwrap();
-    let init = std::process::Command::new("git").args(["init", "-q", "--bare"]).arg(&bob_repo).output().unwrap();
-    assert!(init.status.success());
-    let bob = front.workdir("bob", "bob", "fleet");
-    let bob_commit = bob.commit_tree(
+    let bob_commit = front.seed_repo(
+        "bob",
+        "fleet",
+        "zeta",
         &[("flake.nix", microvm_e2e::gitfront::flake_nix(&[Host::new("zeta", 9)])), ("notes", bob_mark.clone())],
-        &[],
         "bob's",
     );
-    bob.git_ok(&["push", "-q", bob_repo.to_str().unwrap(), "main:zeta"]);
+    let bob_repo = front.repo_dir("bob", "fleet");
 
     let token_path = token_file.display().to_string();
     let bob_path = bob_repo.display().to_string();

@@ -190,36 +190,40 @@ impl Front {
         }
     }
 
-    fn ssh_command(&self, user: &str) -> String {
-        format!(
+    /// ssh's command line as `user`, sending the variables named in `env`
+    /// (`SendEnv`; this sshd accepts `NIX_*` and `NOMAD_*`).
+    fn ssh_command(&self, user: &str, env: &[(&str, &str)]) -> String {
+        let mut ssh = format!(
             "ssh -F /dev/null -i {} -p {SSH_PORT} -o IdentitiesOnly=yes -o StrictHostKeyChecking=no \
              -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR",
             self.key(user).private.display()
-        )
+        );
+        for (name, _) in env {
+            ssh += &format!(" -o SendEnv={name}");
+        }
+        ssh
     }
 
     /// `ssh root@127.0.0.1 <command>` as `user` (no command: a shell).
     pub fn ssh(&self, user: &str, command: Option<&str>) -> Output {
-        let mut cmd = self.netns.command("sh");
+        self.ssh_sending_env(user, command, &[])
+    }
+
+    /// Like [`Front::ssh`], with `env` set for ssh and sent to the server.
+    fn ssh_sending_env(&self, user: &str, command: Option<&str>, env: &[(&str, &str)]) -> Output {
         let remote = command.map(|c| format!(" {}", shell_quote(c))).unwrap_or_default();
-        cmd.args(["-c", &format!("{} root@127.0.0.1{remote} </dev/null", self.ssh_command(user))]);
-        cmd.output().expect("run ssh")
+        self.netns
+            .command("sh")
+            .args(["-c", &format!("{} root@127.0.0.1{remote} </dev/null", self.ssh_command(user, env))])
+            .envs(env.iter().copied())
+            .output()
+            .expect("run ssh")
     }
 
     /// The environment this sshd gives a forced command when the client
     /// sends `env` (`SendEnv`): the probe key's forced command prints it.
     pub fn forced_command_env(&self, env: &[(&str, &str)]) -> String {
-        let mut ssh = self.ssh_command("probe");
-        for (name, _) in env {
-            ssh += &format!(" -o SendEnv={name}");
-        }
-        let out = self
-            .netns
-            .command("sh")
-            .args(["-c", &format!("{ssh} root@127.0.0.1 </dev/null")])
-            .envs(env.iter().copied())
-            .output()
-            .expect("run ssh");
+        let out = self.ssh_sending_env("probe", None, env);
         assert!(out.status.success(), "probe: {}", text(&out.stderr));
         text(&out.stdout)
     }
@@ -232,10 +236,7 @@ impl Front {
     /// Like [`Front::git`], with `env` set for ssh and sent to the server
     /// (`SendEnv`; this sshd accepts `NIX_*` and `NOMAD_*`).
     pub fn git_sending_env(&self, user: &str, cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut ssh = self.ssh_command(user);
-        for (name, _) in env {
-            ssh += &format!(" -o SendEnv={name}");
-        }
+        let ssh = self.ssh_command(user, env);
         self.netns
             .command("git")
             .args(args)
@@ -269,6 +270,20 @@ impl Front {
     }
 
     /// A git work dir for `user` with `repo` on the front as `origin`.
+    /// `user`'s bare repo `repo` made directly on disk (a push through
+    /// gitfront would need Nomad): one commit of `files` on `branch`, made in
+    /// work dir `user`. Returns the commit.
+    pub fn seed_repo(&self, user: &str, repo: &str, branch: &str, files: &[(&str, String)], message: &str) -> String {
+        let bare = self.repo_dir(user, repo);
+        std::fs::create_dir_all(bare.parent().expect("repos dir")).expect("create the user's repos dir");
+        let init = std::process::Command::new("git").args(["init", "-q", "--bare"]).arg(&bare).output().expect("git");
+        assert!(init.status.success(), "git init --bare: {}", text(&init.stderr));
+        let work = self.workdir(user, user, repo);
+        let commit = work.commit_tree(files, &[], message);
+        work.git_ok(&["push", "-q", bare.to_str().expect("UTF-8 repo path"), &format!("main:{branch}")]);
+        commit
+    }
+
     pub fn workdir(&self, user: &str, name: &str, repo: &str) -> Workdir<'_> {
         let dir = self.dir.join("work").join(name);
         std::fs::create_dir_all(&dir).expect("work dir");
