@@ -41,6 +41,14 @@ impl Tmux {
             Command::new("tmux").args(["capture-pane", "-p", "-t", &self.session, "-S", "-200"]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
     }
+
+    /// Waits up to 30 s for `text` on the screen (`what`: for the failure).
+    fn wait_for(&self, what: &str, text: &str) {
+        wait_until(what, Duration::from_secs(30), Duration::from_millis(500), || {
+            let screen = self.screen();
+            if screen.contains(text) { Ok(()) } else { Err(screen) }
+        });
+    }
 }
 
 impl Drop for Tmux {
@@ -62,10 +70,7 @@ fn console_session_exec_signal_restart_and_stats() {
     let console = Tmux::start(&w, "console", &["alloc", "exec", "-i", "-t", &alloc, "console"]);
     std::thread::sleep(Duration::from_secs(2));
     console.type_line("echo hello-$((6*7))");
-    wait_until("the guest's answer on the console", Duration::from_secs(30), Duration::from_millis(500), || {
-        let screen = console.screen();
-        if screen.contains("hello-42") { Ok(()) } else { Err(screen) }
-    });
+    console.wait_for("the guest's answer on the console", "hello-42");
     w.wait_console(&alloc, "hello-42", Duration::from_secs(10));
 
     // A second session may not type at the same time.
@@ -91,10 +96,7 @@ fn console_session_exec_signal_restart_and_stats() {
     // heartbeats keep an idle one attached.
     std::thread::sleep(Duration::from_secs(40));
     again.type_line("echo again-$((5*5))");
-    wait_until("a second session's answer", Duration::from_secs(30), Duration::from_millis(500), || {
-        let screen = again.screen();
-        if screen.contains("again-25") { Ok(()) } else { Err(screen) }
-    });
+    again.wait_for("a second session's answer", "again-25");
     drop(again);
 
     // 2. Commands need vsock in the guest; this runner has none: say so.
